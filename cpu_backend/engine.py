@@ -1,0 +1,53 @@
+"""CPU engine: our decoder in BF16 with a lean decode loop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from cpu_backend.threads import configure_threads
+from models.backend import Backend, RequestError, SamplingParams, TokenEvent
+from models.chat import load_tokenizer
+from models.generate import Generator
+from models.registry import resolve
+from models.weights import load_decoder
+
+CPU_SCHEMES = ("bf16",)
+MAX_CONTEXT = 8192
+
+
+class CPUEngine(Backend):
+    name = "cpu"
+
+    def __init__(self, model: str, scheme: str = "bf16", threads: int | None = None, max_context: int = MAX_CONTEXT) -> None:
+        if scheme not in CPU_SCHEMES:
+            raise RequestError(f"scheme {scheme!r} is not available on CPU; choose one of {', '.join(CPU_SCHEMES)}")
+        self.threads = configure_threads(threads)
+        self.model_spec, self._scheme = model, scheme
+        folder = resolve(model)
+        self.tokenizer = load_tokenizer(folder)
+        decoder = load_decoder(folder, dtype=torch.bfloat16)
+        eos = set(decoder.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        max_len = min(decoder.config.max_position_embeddings, max_context)
+        self.generator = Generator(decoder, self.tokenizer, eos, max_len)
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        return True, ""
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
+
+    @property
+    def context_length(self) -> int:
+        return self.generator.max_len
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        return self.generator.generate(prompt_ids, params, cancel)

@@ -1,0 +1,99 @@
+"""What every engine offers the app: load a (model, scheme), stream tokens, report timings."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+MAX_NEW_TOKENS_LIMIT = 4096
+
+
+class RequestError(ValueError):
+    """A request the user must change (bad parameter, prompt too long, ...)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        def number(name: str, value: object, kind: type) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise RequestError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+            if value != value:  # NaN
+                raise RequestError(f"{name} must be a number, got NaN")
+
+        number("max_new_tokens", self.max_new_tokens, int)
+        number("temperature", self.temperature, float)
+        number("top_p", self.top_p, float)
+        number("top_k", self.top_k, int)
+        number("repetition_penalty", self.repetition_penalty, float)
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise RequestError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise RequestError(f"temperature must be between 0 and 5, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_k <= 100_000:
+            raise RequestError(f"top_k must be between 0 (off) and 100000, got {self.top_k}")
+        if not 0.5 <= self.repetition_penalty <= 2.0:
+            raise RequestError(f"repetition_penalty must be between 0.5 and 2, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise RequestError(f"seed must be a non-negative integer or empty, got {self.seed!r}")
+        return self
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_ms: float = 0.0  # request start -> first token out
+    tpot_ms: float = 0.0  # mean time per output token after the first
+    total_ms: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.tpot_ms if self.tpot_ms > 0 else 0.0
+
+
+@dataclass
+class TokenEvent:
+    """One streamed step: ``text`` is the new printable text (may be empty mid-character)."""
+
+    text: str
+    token_id: int | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "eos" | "length" | "cancelled"
+    timings: Timings = field(default_factory=Timings)
+
+
+class Backend(ABC):
+    """An engine bound to one loaded model and scheme."""
+
+    name: str = "?"
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(usable on this machine, reason when not)."""
+
+    @property
+    @abstractmethod
+    def scheme(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int: ...
+
+    @abstractmethod
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        """Stream tokens for an already rendered prompt; the last event has finished=True."""

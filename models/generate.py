@@ -1,0 +1,130 @@
+"""The token loop shared by every engine: prefill, sample, decode, detokenize, time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from models.backend import RequestError, SamplingParams, Timings, TokenEvent
+from models.decoder import Decoder, KVCache
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, rng: torch.Generator | None) -> int:
+    """Next token from 1-D float logits, in Hugging Face's order: penalty, temperature, top-k, top-p."""
+    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        picked = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+class TextStream:
+    """Incremental detokenization that never emits half a UTF-8 character or a split word piece."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+class Generator:
+    """Runs a Decoder with one persistent KV cache; one generation at a time (callers queue on a lock).
+
+    Engines override ``prefill``/``decode`` to put compiled or graph-captured code on the hot path.
+    """
+
+    def __init__(self, model: Decoder, tokenizer, eos_ids: set[int], max_len: int, device: str = "cpu") -> None:
+        self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, set(eos_ids), device
+        self.cache: KVCache = model.new_cache(1, max_len)
+        self.lock = threading.Lock()
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, self.cache, 0, last_only=True)[0, -1]
+
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=self.device)
+        return self.model(ids, self.cache, pos)[0, -1]
+
+    @torch.inference_mode()
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        params.validate()
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_ids) >= self.max_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        budget = min(params.max_new_tokens, self.max_len - len(prompt_ids))
+        rng = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
+        with self.lock:
+            yield from self._run(prompt_ids, params, budget, cancel, rng)
+
+    def _run(self, prompt_ids, params, budget, cancel, rng) -> Iterator[TokenEvent]:
+        timings = Timings(prompt_tokens=len(prompt_ids))
+        stream = TextStream(self.tokenizer)
+        seen = torch.tensor(prompt_ids, dtype=torch.long) if params.repetition_penalty != 1.0 else None
+        start = time.perf_counter()
+        first = last = start
+        logits = self.prefill(torch.tensor([prompt_ids], device=self.device))
+        pos, reason = len(prompt_ids), "length"
+        for i in range(budget):
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            token = sample(logits.float().cpu(), params, seen, rng)
+            last = time.perf_counter()
+            if i == 0:
+                first = last
+                timings.ttft_ms = (first - start) * 1000
+            timings.generated_tokens = i + 1
+            if token in self.eos_ids:
+                reason = "eos"
+                break
+            if seen is not None:
+                seen = torch.cat([seen, torch.tensor([token])])
+            yield TokenEvent(stream.push(token), token)
+            if i + 1 < budget:
+                logits = self.decode(token, pos)
+                pos += 1
+        n = timings.generated_tokens
+        timings.tpot_ms = (last - first) * 1000 / (n - 1) if n > 1 else 0.0
+        timings.total_ms = (time.perf_counter() - start) * 1000
+        yield TokenEvent(stream.flush(), None, finished=True, finish_reason=reason, timings=timings)
