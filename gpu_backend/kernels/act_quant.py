@@ -1,0 +1,148 @@
+"""Per-token activation quantization, fused with the residual add and RMSNorm where the graph allows.
+
+One kernel does ``x += residual`` (written back), ``y = rmsnorm(x) * w`` and ``q, scale = quant(y)``
+per row; each stage is a compile-time switch, so the same kernel also serves the BF16 path (no
+quantization) and the bare quantization of the attention output. ``silu_mul_quant`` does the MLP's
+``silu(gate) * up`` and quantizes it in the same pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# QUANT codes (compile-time): what the kernel writes.
+NONE, INT8, FP8 = 0, 1, 2
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+
+
+def quant_code(dtype: torch.dtype | None) -> int:
+    if dtype is None or dtype == torch.bfloat16:
+        return NONE
+    if dtype == torch.int8:
+        return INT8
+    if dtype == torch.float8_e4m3fn:
+        return FP8
+    raise ValueError(f"no activation quantization to {dtype}")
+
+
+@triton.jit
+def _quantize_row(y, mask, out_ptr, scale_ptr, static_scale_ptr, row, QUANT: tl.constexpr, STATIC: tl.constexpr):
+    """Write y (fp32 row) as int8/fp8 with one scale per row (dynamic, or a static input_scale)."""
+    qmax = 127.0 if QUANT == 1 else 448.0
+    if STATIC:
+        scale = tl.load(static_scale_ptr)
+    else:
+        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+        scale = tl.maximum(amax / qmax, 1e-12)
+    v = y / scale
+    v = tl.minimum(tl.maximum(v, -qmax), qmax)
+    if QUANT == 1:
+        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))  # round half away from zero
+    tl.store(out_ptr + tl.arange(0, y.shape[0]), v.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _norm_quant_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, static_scale_ptr,
+    K, stride_x, stride_r, stride_o, eps,
+    HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(x_ptr.dtype.element_ty)  # the residual stream is kept in bf16, as in the reference
+        tl.store(x_ptr + row * stride_x + offs, x, mask=mask)
+        x = x.to(tl.float32)
+    y = x
+    if HAS_NORM:
+        var = tl.sum(x * x, axis=0) / K
+        y = (x * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if QUANT == 0:
+        tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        y = y.to(tl.bfloat16).to(tl.float32)  # quantize what the BF16 model would have fed the linear
+        _quantize_row(y, mask, out_ptr + row * stride_o, scale_ptr, static_scale_ptr, row, QUANT, STATIC)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(
+    gu_ptr, out_ptr, scale_ptr, static_scale_ptr, I, stride_g, stride_o,
+    QUANT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + I + offs, mask=mask, other=0.0).to(tl.float32)
+    # bf16 rounding points follow F.silu(gate) * up in bf16
+    s = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32)
+    y = (s * u).to(tl.bfloat16).to(tl.float32)
+    if QUANT == 0:
+        tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        _quantize_row(y, mask, out_ptr + row * stride_o, scale_ptr, static_scale_ptr, row, QUANT, STATIC)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
+
+
+def _outputs(x: torch.Tensor, k: int, qdtype, out, scale):
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty((m, k), dtype=qdtype or torch.bfloat16, device=x.device)
+    if scale is None:
+        scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    return out, scale
+
+
+def norm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    qdtype: torch.dtype | None = None,
+    static_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16 (updated in place to x + residual when given) -> (rmsnorm(x)*w quantized, scale [M])."""
+    assert x.dim() == 2 and x.stride(1) == 1
+    m, k = x.shape
+    out, scale = _outputs(x, k, qdtype, out, scale)
+    block = triton.next_power_of_2(k)
+    _norm_quant_kernel[(m,)](
+        x, residual if residual is not None else x, weight if weight is not None else x, out, scale,
+        static_scale if static_scale is not None else scale,
+        k, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
+        HAS_RES=residual is not None, HAS_NORM=weight is not None, QUANT=quant_code(qdtype),
+        STATIC=static_scale is not None, BLOCK=block, num_warps=_warps(block),
+    )
+    return out, scale
+
+
+def silu_mul_quant(
+    gate_up: torch.Tensor,
+    qdtype: torch.dtype | None = None,
+    static_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [M, 2I] (gate | up) -> (silu(gate) * up quantized [M, I], scale [M])."""
+    assert gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
+    m, i = gate_up.shape[0], gate_up.shape[1] // 2
+    out, scale = _outputs(gate_up, i, qdtype, out, scale)
+    block = triton.next_power_of_2(i)
+    _silu_mul_quant_kernel[(m,)](
+        gate_up, out, scale, static_scale if static_scale is not None else scale, i, gate_up.stride(0), out.stride(0),
+        QUANT=quant_code(qdtype), STATIC=static_scale is not None, BLOCK=block, num_warps=_warps(block),
+    )
+    return out, scale

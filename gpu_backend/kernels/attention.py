@@ -1,0 +1,174 @@
+"""RoPE + KV-cache write, and split-KV decode attention over a static (bf16, fp8 or int8) cache.
+
+The cache is [batch, kv_heads, max_len, head_dim] per layer; positions and sequence lengths live in
+device tensors, so one CUDA graph per batch size serves every step. An 8-bit cache stores
+``k / k_scale[head]`` (the quantizer's per-head scales); the decode kernel folds the scales into the
+softmax scale (keys) and the output (values), so it reads 1 byte per element and widens in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_cache_kernel(
+    qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, k_scale_ptr, v_scale_ptr,
+    T, stride_row, n_heads, n_kv, stride_cb, stride_ch, stride_cs,
+    HALF: tl.constexpr, QUANT: tl.constexpr,
+):
+    """One program per (token row, head among q|k|v). RoPE in place on q and k; k and v go to the cache."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    pos = tl.load(pos_ptr + row).to(tl.int64)
+    d = tl.arange(0, HALF)
+    base = qkv_ptr + row * stride_row + head * (2 * HALF)
+    x1 = tl.load(base + d).to(tl.float32)
+    x2 = tl.load(base + HALF + d).to(tl.float32)
+    if head < n_heads + n_kv:
+        c = tl.load(cos_ptr + pos * HALF + d)
+        s = tl.load(sin_ptr + pos * HALF + d)
+        x1, x2 = (x1 * c - x2 * s).to(tl.bfloat16).to(tl.float32), (x2 * c + x1 * s).to(tl.bfloat16).to(tl.float32)
+        tl.store(base + d, x1.to(qkv_ptr.dtype.element_ty))
+        tl.store(base + HALF + d, x2.to(qkv_ptr.dtype.element_ty))
+    if head >= n_heads:
+        b = row // T
+        if head < n_heads + n_kv:
+            kvh = head - n_heads
+            dst = kc_ptr + b * stride_cb + kvh * stride_ch + pos * stride_cs
+            sc = tl.load(k_scale_ptr + kvh)
+        else:
+            kvh = head - n_heads - n_kv
+            dst = vc_ptr + b * stride_cb + kvh * stride_ch + pos * stride_cs
+            sc = tl.load(v_scale_ptr + kvh)
+        if QUANT != 0:
+            qmax = 127.0 if QUANT == 1 else 448.0
+            x1 = tl.minimum(tl.maximum(x1 / sc, -qmax), qmax)
+            x2 = tl.minimum(tl.maximum(x2 / sc, -qmax), qmax)
+            if QUANT == 1:
+                x1 = tl.where(x1 >= 0, tl.floor(x1 + 0.5), -tl.floor(-x1 + 0.5))
+                x2 = tl.where(x2 >= 0, tl.floor(x2 + 0.5), -tl.floor(-x2 + 0.5))
+        tl.store(dst + d, x1.to(kc_ptr.dtype.element_ty))
+        tl.store(dst + HALF + d, x2.to(kc_ptr.dtype.element_ty))
+
+
+def rope_and_cache(
+    qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    n_heads: int, n_kv: int, tokens_per_seq: int,
+) -> None:
+    """qkv [B*T, (H + 2*KV) * D] bf16 (rows b-major): rotate q, k in place; store k, v at cache[b, :, pos]."""
+    rows, width = qkv.shape
+    half = cos.shape[1]
+    assert width == (n_heads + 2 * n_kv) * 2 * half and qkv.stride(1) == 1
+    from gpu_backend.kernels.act_quant import quant_code
+
+    _rope_cache_kernel[(rows, n_heads + 2 * n_kv)](
+        qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale,
+        tokens_per_seq, qkv.stride(0), n_heads, n_kv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HALF=half, QUANT=quant_code(k_cache.dtype), num_warps=1,
+    )
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, k_scale_ptr, v_scale_ptr, seq_ptr, o_ptr, ml_ptr,
+    stride_qb, stride_cb, stride_ch, stride_cs, sm_scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """Program (b, kv head, split): the G query heads sharing this kv head, over one slice of the keys."""
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    n_heads = tl.num_programs(1) * G
+    seq = tl.load(seq_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(seq, SPLITS), BLOCK_S) * BLOCK_S
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2
+    if SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh)
+    m_i = tl.full((G_PAD,), -float("inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    cache = b * stride_cb + kvh * stride_ch
+    s_off = tl.arange(0, BLOCK_S)
+    for start in range(lo, hi, BLOCK_S):
+        s = start + s_off
+        smask = s < hi
+        kv_off = cache + s.to(tl.int64)[:, None] * stride_cs + d[None, :]
+        # widen to q's dtype (bf16 on the GPU; fp32 in the CPU interpreter, whose bf16 dot is broken)
+        k = tl.load(kc_ptr + kv_off, mask=smask[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+        v = tl.load(vc_ptr + kv_off, mask=smask[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.where(smask[None, :], qk, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty), v)
+        m_i = m_new
+    if SCALED:
+        acc = acc * tl.load(v_scale_ptr + kvh)
+    # partials: o [B, H, SPLITS, D] (unnormalized), ml [B, H, SPLITS, 2] (running max in log2, sum)
+    part = (b * n_heads + heads) * SPLITS + split
+    gm = g < G
+    tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=gm[:, None])
+    tl.store(ml_ptr + part * 2, m_i, mask=gm)
+    tl.store(ml_ptr + part * 2 + 1, l_i, mask=gm)
+
+
+@triton.jit
+def _decode_reduce_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, D: tl.constexpr, SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    part = (b * tl.num_programs(1) + h) * SPLITS + tl.arange(0, SPLITS)
+    m = tl.load(ml_ptr + part * 2)
+    l_ = tl.load(ml_ptr + part * 2 + 1)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(l_ > 0, tl.exp2(m - m_max), 0.0)
+    o = tl.load(o_ptr + part[:, None] * D + tl.arange(0, D)[None, :])
+    num = tl.sum(o * w[:, None], axis=0)
+    den = tl.sum(l_ * w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * D + tl.arange(0, D), (num / den).to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    seq_lens: torch.Tensor, n_heads: int, out: torch.Tensor | None = None, splits: int = 16,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None, block_s: int = 64,
+) -> torch.Tensor:
+    """q [B, >= H*D] (row stride free: a view of the qkv buffer) -> out [B, H*D] bf16.
+
+    Attends over cache[b, :, :seq_lens[b]]. ``splits`` slices the keys so that batch 1 still spreads
+    over the SMs (flash-decoding); a second small kernel merges the slices.
+    """
+    bsz, n_kv, _, d = k_cache.shape
+    g = n_heads // n_kv
+    assert q.stride(1) == 1 and triton.next_power_of_2(d) == d
+    if out is None:
+        out = torch.empty((bsz, n_heads * d), dtype=q.dtype, device=q.device)
+    if workspace is None:
+        workspace = decode_workspace(bsz, n_heads, d, splits, q.device)
+    o_part, ml = workspace
+    _decode_split_kernel[(bsz, n_kv, splits)](
+        q, k_cache, v_cache, k_scale, v_scale, seq_lens, o_part, ml,
+        q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5,
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_S=block_s, SPLITS=splits,
+        SCALED=k_cache.dtype in (torch.int8, torch.float8_e4m3fn), num_warps=4, num_stages=2,
+    )
+    _decode_reduce_kernel[(bsz, n_heads)](o_part, ml, out, out.stride(0), D=d, SPLITS=splits, num_warps=1)
+    return out
+
+
+def decode_workspace(bsz: int, n_heads: int, d: int, splits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((bsz, n_heads, splits, d), dtype=torch.float32, device=device),
+            torch.empty((bsz, n_heads, splits, 2), dtype=torch.float32, device=device))

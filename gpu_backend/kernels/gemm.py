@@ -1,0 +1,184 @@
+"""8-bit GEMMs with the dequantization fused in the epilogue: C = (A @ W^T) * a_scale[m] * w_scale[n].
+
+A is [M, K] (int8 or fp8 with one scale per row, or bf16 for weight-only), W is [N, K] as the
+checkpoint stores it (int8 or fp8 with one scale per output channel). One Triton kernel, two
+families of tile shapes:
+
+- small M (decode, M <= 64): weight streaming. Narrow N tiles give every SM several programs so
+  enough weight bytes are in flight to reach the memory bandwidth; the tiny A tile stays in L1/L2.
+- large M (prefill): tensor-core tiles. For FP8 at large M ``torch._scaled_mm`` (cuBLASLt with
+  row-wise scales) measured fastest on H100/H200, so ``scaled_mm`` routes there; INT8 stays here
+  (``torch._int_mm`` gains nothing at large M and would need a separate epilogue pass).
+
+Tile shapes are chosen per (kind, M bucket, N, K) by timing a short candidate list once, before any
+CUDA graph is captured (``tune_cache`` holds the winners). Under TRITON_INTERPRET a fixed small
+tile is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SMALL_M = 64  # up to here the weight-streaming tiles are used
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_am, stride_wn, stride_cm,
+    A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: programs that run together share A rows and W columns in L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm_c = tl.where(rm < M, rm, 0).to(tl.int64)  # clamp instead of masking the loads on M and N
+    rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn_c[None, :] * stride_wn + rk[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
+
+    ACC: tl.constexpr = tl.int32 if INT_ACC else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            kmask = rk < K - k0
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        if not A_SCALED:  # weight-only: widen the 8-bit weight to A's dtype (exact for int8 and e4m3)
+            w = w.to(a_ptr.dtype.element_ty)
+        acc = tl.dot(a, w, acc, out_dtype=ACC)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    c = acc.to(tl.float32) * tl.load(w_scale_ptr + rn_c)[None, :]
+    if A_SCALED:
+        c = c * tl.load(a_scale_ptr + rm_c)[:, None]
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_M is raised to cover M when small.
+SMALL_M_CANDIDATES = [
+    (16, 16, 256, 1, 4, 4),
+    (16, 16, 512, 1, 4, 3),
+    (16, 32, 256, 1, 4, 4),
+    (16, 32, 512, 1, 4, 3),
+    (16, 64, 256, 1, 4, 4),
+    (16, 64, 128, 1, 4, 6),
+]
+LARGE_M_CANDIDATES = [
+    (128, 128, 128, 8, 8, 3),
+    (128, 256, 128, 8, 8, 3),
+    (64, 128, 128, 8, 4, 4),
+    (128, 128, 64, 8, 4, 4),
+]
+INTERPRET_CONFIG = (16, 16, 32, 1, 1, 1)
+
+tune_cache: dict[tuple, tuple] = {}
+
+
+def m_bucket(m: int) -> int:
+    return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else (256 if m <= 256 else 1024)))
+
+
+def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
+    bm, bn, bk, gm, warps, stages = cfg
+    m, k = a.shape
+    n = w.shape[0]
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gemm_kernel[grid](
+        a, a_scale if a_scale is not None else w_scale, w, w_scale, bias if bias is not None else w_scale, c,
+        m, n, k, a.stride(0), w.stride(0), c.stride(0),
+        A_SCALED=a_scale is not None, INT_ACC=a.dtype == torch.int8, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
+    )
+
+
+def _candidates(m: int, k: int) -> list[tuple]:
+    if m <= SMALL_M:
+        bm = max(16, triton.next_power_of_2(m))
+        cands = [(bm, bn, bk, gm, w, s if bm <= 16 else min(s, 3)) for bm_, bn, bk, gm, w, s in SMALL_M_CANDIDATES]
+    else:
+        cands = list(LARGE_M_CANDIDATES)
+    return [c for c in cands if c[2] <= max(32, triton.next_power_of_2(k))]
+
+
+def _pick(a, a_scale, w, w_scale, bias, c) -> tuple:
+    if INTERPRET or not a.is_cuda:
+        return INTERPRET_CONFIG
+    m, k = a.shape
+    key = (a.dtype, w.dtype, m_bucket(m), w.shape[0], k, bias is not None)
+    cfg = tune_cache.get(key)
+    if cfg is None:
+        best = None
+        for cand in _candidates(m, k):
+            try:
+                t = triton.testing.do_bench(lambda cand=cand: _launch(a, a_scale, w, w_scale, bias, c, cand),
+                                            warmup=5, rep=20, return_mode="median")
+            except Exception:  # a config that does not compile or fit in shared memory: skip it
+                continue
+            if best is None or t < best[0]:
+                best = (t, cand)
+        if best is None:
+            raise RuntimeError(f"no GEMM tile compiled for {key}")
+        cfg = tune_cache[key] = best[1]
+    return cfg
+
+
+def gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """(A @ W^T) * a_scale[:, None] * w_scale[None, :] (+ bias). a_scale None: weight-only (A in bf16)."""
+    assert a.dim() == 2 and w.dim() == 2 and a.shape[1] == w.shape[1], (a.shape, w.shape)
+    assert a.stride(1) == 1 and w.stride(1) == 1
+    w_scale = w_scale.reshape(-1)
+    if a_scale is not None:
+        a_scale = a_scale.reshape(-1)
+    if out is None:
+        out = torch.empty((a.shape[0], w.shape[0]), dtype=out_dtype, device=a.device)
+    if a.shape[0] == 0:
+        return out
+    _launch(a, a_scale, w, w_scale, bias, out, _pick(a, a_scale, w, w_scale, bias, out))
+    return out
+
+
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8 x FP8 with row-wise scales through cuBLASLt (the large-M FP8 path)."""
+    return torch._scaled_mm(
+        a, w.t(), scale_a=a_scale.reshape(-1, 1), scale_b=w_scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16
+    )
+
+
+def w8a8(a, a_scale, w, w_scale, bias=None, out=None, large_m_fp8_cublas: bool = True) -> torch.Tensor:
+    """The W8A8 dispatcher: the Triton kernel, except FP8 at large M where cuBLASLt wins."""
+    if (large_m_fp8_cublas and a.shape[0] > SMALL_M and a.dtype == torch.float8_e4m3fn and a.is_cuda
+            and not INTERPRET and out is None):
+        return scaled_mm(a, a_scale, w, w_scale, bias)
+    return gemm(a, a_scale, w, w_scale, bias, out)
