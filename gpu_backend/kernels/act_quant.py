@@ -19,7 +19,7 @@ INT8_MAX = 127.0
 
 
 def quant_code(dtype: torch.dtype | None) -> int:
-    if dtype is None or dtype == torch.bfloat16:
+    if dtype is None or dtype in (torch.bfloat16, torch.float16, torch.float32):
         return NONE
     if dtype == torch.int8:
         return INT8
@@ -74,14 +74,14 @@ def _norm_quant_kernel(
 
 @triton.jit
 def _silu_mul_quant_kernel(
-    gu_ptr, out_ptr, scale_ptr, static_scale_ptr, I, stride_g, stride_o,
+    gu_ptr, out_ptr, scale_ptr, static_scale_ptr, n_inter, stride_g, stride_o,
     QUANT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    mask = offs < I
+    mask = offs < n_inter
     g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_g + I + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + n_inter + offs, mask=mask, other=0.0).to(tl.float32)
     # bf16 rounding points follow F.silu(gate) * up in bf16
     s = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32)
     y = (s * u).to(tl.bfloat16).to(tl.float32)

@@ -25,8 +25,8 @@ def _rope_cache_kernel(
     pos = tl.load(pos_ptr + row).to(tl.int64)
     d = tl.arange(0, HALF)
     base = qkv_ptr + row * stride_row + head * (2 * HALF)
-    x1 = tl.load(base + d).to(tl.float32)
-    x2 = tl.load(base + HALF + d).to(tl.float32)
+    x1 = tl.load(base + d).to(tl.bfloat16).to(tl.float32)  # the model's qkv is bf16 (identity there)
+    x2 = tl.load(base + HALF + d).to(tl.bfloat16).to(tl.float32)
     if head < n_heads + n_kv:
         c = tl.load(cos_ptr + pos * HALF + d)
         s = tl.load(sin_ptr + pos * HALF + d)

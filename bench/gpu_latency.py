@@ -1,0 +1,268 @@
+"""GPU decode/prefill latency: our engine (BF16, FP8, INT8-SQ, W8A16) vs transformers' static-cache generate.
+
+One device run: Llama-3-8B-shaped and SmolLM2-135M-shaped models with random weights (per-channel
+weights + scales made here: rounding random weights is not calibration, and speed does not depend
+on it). Writes bench/results/gpu_latency.{json,md} (or --out DIR) naming the device.
+
+    python bench/gpu_latency.py [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from gpu_backend.kernels.gemm import gemm, scaled_mm  # noqa: E402
+from gpu_backend.weights import build_decoder, quantize_weight  # noqa: E402
+from models.config import DecoderConfig  # noqa: E402
+
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                 num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 max_position_embeddings=8192, tie_word_embeddings=False)
+SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+               num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+               max_position_embeddings=8192, tie_word_embeddings=True)
+SCHEMES = [("bf16", "bf16"), ("w8a8-fp8", "fp8"), ("w8a8-int8", "fp8"), ("w8a16-int8", "fp8")]
+BATCHES = (1, 8, 32, 64)
+CTX = 1024  # decode steps are timed at this context length (the TTFT prompt length)
+STEPS = 32
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def events_ms(fn, reps: int) -> float:
+    """Median ms of fn() over reps, device events around each call."""
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    src = torch.randn(1 << 29, device="cuda", dtype=torch.float16)  # 1 GiB
+    dst = torch.empty_like(src)
+    t = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * 2 / (t * 1e-3) / 1e9
+
+
+def random_state(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
+
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    st = {"model.embed_tokens.weight": rnd(cfg.vocab_size, h), "model.norm.weight": torch.ones(h, device="cuda",
+                                                                                             dtype=torch.bfloat16)}
+    if not cfg.tie_word_embeddings:
+        st["lm_head.weight"] = rnd(cfg.vocab_size, h)
+    for n in range(cfg.num_layers):
+        p = f"model.layers.{n}."
+        st.update({p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+                   p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
+                   p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
+                   p + "mlp.down_proj.weight": rnd(h, i),
+                   p + "input_layernorm.weight": torch.ones(h, device="cuda", dtype=torch.bfloat16),
+                   p + "post_attention_layernorm.weight": torch.ones(h, device="cuda", dtype=torch.bfloat16)})
+    return st
+
+
+def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
+    t0 = time.time()
+    dec = build_decoder(state, cfg, scheme, kv)
+    dec.allocate(max(batches), CTX + 2 * STEPS + 8)
+    for c in dec.k_cache + dec.v_cache:  # random cache contents (never time on zeros)
+        c.copy_((torch.randn(c.shape, device="cuda", dtype=torch.bfloat16)).to(c.dtype))
+    row = {"scheme": scheme, "kv_cache": kv, "weight_GB": dec.weight_bytes() / 1e9, "decode": {}}
+    for b in batches:
+        graph, buf = dec.decode_graph(b)
+        tok = torch.randint(0, cfg.vocab_size, (b,), device="cuda")
+        pos = torch.full((b,), CTX, dtype=torch.int32, device="cuda")
+        dec.decode(tok, pos)
+
+        def run_steps(graph=graph, buf=buf, pos=pos):
+            buf["positions"].copy_(pos)
+            buf["seq_lens"].copy_(pos + 1)
+            for _ in range(STEPS):
+                graph.replay()
+
+        run_steps()
+        ms = events_ms(run_steps, 5) / STEPS
+        nbytes = dec.weight_bytes() + dec.kv_bytes_read(b, CTX + STEPS // 2)
+        row["decode"][b] = {"tpot_ms": ms, "tok_per_s": b * 1000 / ms, "bytes_GB": nbytes / 1e9,
+                            "mbu": nbytes / (ms * 1e-3) / (bw * 1e9)}
+        log(f"  {scheme:11s} kv={kv:4s} B={b:3d} TPOT {ms:7.3f} ms  {b * 1000 / ms:9.0f} tok/s  "
+            f"MBU {row['decode'][b]['mbu']:.2f}")
+    prompt = torch.randint(0, cfg.vocab_size, (1, ttft_tokens), device="cuda")
+    for _ in range(2):  # tunes the large-M tiles
+        dec.prefill(prompt).argmax(-1).item()
+    row["ttft_ms"] = events_ms(lambda: dec.prefill(prompt).argmax(-1), 7)
+    log(f"  {scheme:11s} TTFT({ttft_tokens}) {row['ttft_ms']:.2f} ms   (built+timed in {time.time() - t0:.0f} s)")
+    del dec
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_peer(state, cfg_dict, bw, prompt_len: int, new_tokens: int) -> dict:
+    """transformers generate, BF16, static cache (it compiles its decode step), batch 1."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = cfg_dict
+    hf_cfg = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+                         intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
+                         num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
+                         head_dim=c["head_dim"], rms_norm_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"],
+                         max_position_embeddings=c["max_position_embeddings"],
+                         tie_word_embeddings=c["tie_word_embeddings"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_cfg)
+    model.load_state_dict(state, strict=False, assign=True)  # shares our random tensors
+    model.model.rotary_emb = type(model.model.rotary_emb)(hf_cfg, device="cuda")
+    model.eval()
+    prompt = torch.randint(0, c["vocab_size"], (1, prompt_len), device="cuda")
+    kw = dict(do_sample=False, cache_implementation="static", pad_token_id=0)
+
+    def gen(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1000
+
+    t0 = time.time()
+    gen(new_tokens)  # compiles
+    gen(new_tokens)
+    log(f"  peer warm-up (compile) {time.time() - t0:.0f} s")
+    short = sorted(gen(1) for _ in range(3))[1]
+    long = sorted(gen(new_tokens) for _ in range(3))[1]
+    tpot = (long - short) / (new_tokens - 1)
+    return {"transformers": transformers.__version__, "tpot_ms": tpot, "ttft_ms": short, "prompt": prompt_len}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 shape only, no peer")
+    ap.add_argument("--no-peer", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    res = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+           "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "command": " ".join(["python"] + sys.argv),
+           "copy_bandwidth_GBps": bw, "ctx": CTX, "models": {}}
+    log(f"{res['device']} sm{res['capability']} copy bandwidth {bw:.0f} GB/s")
+    res["kernels"] = kernel_table(bw)
+    models = [("smollm2-135m-shape", SMOLLM2)] + ([] if args.quick else [("llama3-8b-shape", LLAMA3_8B)])
+    for name, cd in models:
+        cfg = DecoderConfig(**cd)
+        state = random_state(cfg)
+        log(f"{name}:")
+        rows = [bench_scheme(state, cfg, s, kv, bw, BATCHES, CTX) for s, kv in SCHEMES]
+        entry = {"rows": rows}
+        if name.startswith("llama") and not args.no_peer:
+            try:
+                entry["peer"] = bench_peer(state, cd, bw, CTX, 64)
+                log(f"  peer transformers static generate TPOT {entry['peer']['tpot_ms']:.2f} ms")
+            except Exception as e:  # the peer is a comparison, not our product: record and go on
+                entry["peer"] = {"error": repr(e)[:500]}
+                log(f"  peer failed: {e!r}"[:500])
+        res["models"][name] = entry
+        del state
+        torch.cuda.empty_cache()
+        (out / "gpu_latency.json").write_text(json.dumps(res, indent=1))
+    (out / "gpu_latency.md").write_text(markdown(res))
+    log(markdown(res))
+
+
+def kernel_table(bw: float) -> list[dict]:
+    """Single-GEMM timings at the 8B shapes: our kernels vs cuBLAS BF16 / _scaled_mm."""
+    rows = []
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        w8, s8 = quantize_weight(wb, torch.int8)
+        wf, sf = quantize_weight(wb, torch.float8_e4m3fn)
+        for m in (1, 16, 64, 1024):
+            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            a8 = (a * 20).round().clamp(-127, 127).to(torch.int8)
+            af = a.to(torch.float8_e4m3fn)
+            sa = torch.rand(m, device="cuda") + 0.5
+            cand = {
+                "bf16_cublas": (lambda: torch.nn.functional.linear(a, wb), 2),
+                "w8a8_fp8_triton": (lambda: gemm(af, sa, wf, sf), 1),
+                "w8a8_fp8_scaled_mm": (lambda: scaled_mm(af, sa, wf, sf), 1),
+                "w8a8_int8_triton": (lambda: gemm(a8, sa, w8, s8), 1),
+                "w8a16_int8_triton": (lambda: gemm(a, None, w8, s8), 1),
+            }
+            for name, (fn, wbytes) in cand.items():
+                fn()
+                t = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+                rows.append({"n": n, "k": k, "m": m, "kernel": name, "us": t * 1000,
+                             "weight_GBps": n * k * wbytes / (t * 1e-3) / 1e9,
+                             "TFLOPs": 2 * m * n * k / (t * 1e-3) / 1e12})
+            log("  gemm N=%5d K=%5d M=%4d " % (n, k, m) + "  ".join(
+                f"{r['kernel']} {r['us']:.1f}us" for r in rows[-len(cand):]))
+        del wb, w8, wf
+    return rows
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# GPU latency — {res['device']} (sm{res['capability'][0]}{res['capability'][1]}, {res['sms']} SMs)", "",
+             f"torch {res['torch']}, triton {res['triton']}; measured copy bandwidth "
+             f"{res['copy_bandwidth_GBps']:.0f} GB/s (read+write). Command: `{res['command']}`.",
+             f"Random weights; decode timed at context {res['ctx']} (CUDA-graph replays, greedy token fed back on "
+             "device); MBU = (weight + KV bytes per step) / step time / copy bandwidth.", ""]
+    for name, entry in res["models"].items():
+        lines += [f"## {name}", "", "| scheme | KV | weights GB | TPOT b1 ms | b8 | b32 | b64 | tok/s b64 | "
+                  "MBU b1 | TTFT 1024 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in entry["rows"]:
+            d = r["decode"]
+            lines.append(f"| {r['scheme']} | {r['kv_cache']} | {r['weight_GB']:.2f} | " + " | ".join(
+                f"{d[b]['tpot_ms']:.3f}" for b in BATCHES) + f" | {d[64]['tok_per_s']:.0f} | {d[1]['mbu']:.2f} | "
+                f"{r['ttft_ms']:.1f} |")
+        peer = entry.get("peer")
+        if peer:
+            lines += ["", f"Peer: transformers {peer.get('transformers', '?')} `generate`, BF16, static cache, "
+                      f"batch 1: " + (f"TPOT {peer['tpot_ms']:.2f} ms" if "tpot_ms" in peer else peer["error"])]
+        rows = {r["scheme"]: r for r in entry["rows"]}
+        if "bf16" in rows:
+            b = rows["bf16"]
+            g = [("FP8 b1 speed-up vs BF16 (goal 1.75)", b["decode"][1]["tpot_ms"] / rows["w8a8-fp8"]["decode"][1]
+                  ["tpot_ms"]),
+                 ("INT8-SQ b1 speed-up vs BF16 (goal 1.7)", b["decode"][1]["tpot_ms"] / rows["w8a8-int8"]["decode"][1]
+                  ["tpot_ms"]),
+                 ("BF16 b1 MBU (goal 0.80)", b["decode"][1]["mbu"]),
+                 ("FP8 b1 MBU", rows["w8a8-fp8"]["decode"][1]["mbu"]),
+                 ("TTFT BF16 / FP8 (goal 1.45)", b["ttft_ms"] / rows["w8a8-fp8"]["ttft_ms"]),
+                 ("FP8 tok/s b64 / BF16 tok/s b32 (goal 2.2)", rows["w8a8-fp8"]["decode"][64]["tok_per_s"] /
+                  b["decode"][32]["tok_per_s"])]
+            if peer and "tpot_ms" in peer:
+                g.append(("peer TPOT / our BF16 TPOT (goal 1.5)", peer["tpot_ms"] / b["decode"][1]["tpot_ms"]))
+            lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in g]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Checkpoint -> GPUDecoder: read BF16 or compressed-tensors 8-bit weights and map each linear to a kernel.
+
+Compressed-tensors layout (what ``quant`` writes): for each linear ``NAME.weight`` (int8 or
+float8_e4m3fn [out, in]) and ``NAME.weight_scale`` (float32 [out, 1]), optionally ``NAME.input_scale``
+(static activation scale); ``model.layers.N.self_attn.k_scale`` / ``v_scale`` for an 8-bit KV cache.
+``load_quantized_linears`` reads exactly those names; ``quantize_weights`` makes the same layout from
+BF16 weights (round-to-nearest per output channel, no calibration) for models that have no
+quantized checkpoint yet and for random-weight benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gpu_backend.model import FP8, GPUDecoder, Layer, Linear
+from models.config import DecoderConfig
+from models.decoder import LINEAR_SUFFIXES
+from models.weights import read_tensors
+
+# scheme -> (weight dtype, activation dtype); None = bf16
+SCHEMES: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
+    "bf16": (None, None),
+    "w8a16-int8": (torch.int8, None),
+    "w8a16-fp8": (FP8, None),
+    "w8a8-int8": (torch.int8, torch.int8),
+    "w8a8-fp8": (FP8, FP8),
+}
+ALIASES = {"w8a8-int8-sq": "w8a8-int8"}
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": FP8, "int8": torch.int8}
+
+
+def canonical_scheme(scheme: str) -> str:
+    return ALIASES.get(scheme, scheme)
+
+
+def load_quantized_linears(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (compressed-tensors or plain BF16) safetensors folder, on the CPU."""
+    return read_tensors(Path(folder))
+
+
+def quantize_weight(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric quantization: (q [N, K], scale [N, 1] float32)."""
+    qmax = 127.0 if dtype == torch.int8 else 448.0
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+    q = wf / scale
+    q = q.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else q.clamp(-448, 448).to(dtype)
+    return q, scale
+
+
+def quantize_weights(state: dict[str, torch.Tensor], cfg: DecoderConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """BF16 state dict -> compressed-tensors names with 8-bit linears (in place; returns ``state``)."""
+    for i in range(cfg.num_layers):
+        for suffix in LINEAR_SUFFIXES:
+            name = f"model.layers.{i}.{suffix}"
+            q, s = quantize_weight(state[name + ".weight"], dtype)
+            state[name + ".weight"], state[name + ".weight_scale"] = q, s
+    return state
+
+
+def _linear(state, name, act_dtype, device) -> Linear:
+    w = state[name + ".weight"].to(device)
+    scale = state.get(name + ".weight_scale")
+    bias = state.get(name + ".bias")
+    if scale is None:
+        return Linear(w.to(torch.bfloat16), bias=None if bias is None else bias.to(device, torch.bfloat16))
+    inp = state.get(name + ".input_scale")
+    return Linear(
+        w, scale.to(device, torch.float32).reshape(-1),
+        None if inp is None or act_dtype is None else inp.to(device, torch.float32).reshape(1),
+        None if bias is None else bias.to(device, torch.bfloat16), act_dtype,
+    )
+
+
+def _kv_scale(state, name: str, n_kv: int, kv_dtype: torch.dtype, device) -> torch.Tensor:
+    s = state.get(name)
+    if kv_dtype == torch.bfloat16:
+        return torch.ones(n_kv, device=device)
+    if s is None:
+        if kv_dtype == torch.int8:
+            raise ValueError(f"an int8 KV cache needs calibrated scales ({name}); use kv_cache='fp8' or a checkpoint "
+                             "made with a KV scheme")
+        return torch.ones(n_kv, device=device)  # e4m3 covers +-448: unit scale is the usual default
+    return s.float().reshape(-1).expand(n_kv).contiguous().to(device)
+
+
+def build_decoder(state: dict[str, torch.Tensor], cfg: DecoderConfig, scheme: str, kv_cache: str = "bf16",
+                  device: str | torch.device = "cuda") -> GPUDecoder:
+    scheme = canonical_scheme(scheme)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if kv_cache not in KV_DTYPES:
+        raise ValueError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_DTYPES)}")
+    w_dtype, act = SCHEMES[scheme]
+    first = state["model.layers.0.self_attn.q_proj.weight"]
+    if w_dtype is None and first.dtype in (torch.int8, FP8):
+        raise ValueError(f"the checkpoint holds {first.dtype} weights; it cannot run as {scheme}")
+    if w_dtype is not None and first.dtype not in (torch.int8, FP8):
+        state = quantize_weights(dict(state), cfg, w_dtype)
+    elif w_dtype is not None and first.dtype != w_dtype:
+        raise ValueError(f"scheme {scheme} needs {w_dtype} weights but the checkpoint holds {first.dtype}")
+    kv_dtype = KV_DTYPES[kv_cache]
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        lin = {s: _linear(state, p + s, act, device) for s in LINEAR_SUFFIXES}
+        layers.append(Layer(
+            qkv=Linear.fuse([lin["self_attn.q_proj"], lin["self_attn.k_proj"], lin["self_attn.v_proj"]]),
+            o=lin["self_attn.o_proj"],
+            gate_up=Linear.fuse([lin["mlp.gate_proj"], lin["mlp.up_proj"]]),
+            down=lin["mlp.down_proj"],
+            ln1=state[p + "input_layernorm.weight"].to(device, torch.bfloat16),
+            ln2=state[p + "post_attention_layernorm.weight"].to(device, torch.bfloat16),
+            k_scale=_kv_scale(state, p + "self_attn.k_scale", cfg.num_kv_heads, kv_dtype, device),
+            v_scale=_kv_scale(state, p + "self_attn.v_scale", cfg.num_kv_heads, kv_dtype, device),
+        ))
+    embed = state["model.embed_tokens.weight"].to(device, torch.bfloat16)
+    lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else \
+        state["lm_head.weight"].to(device, torch.bfloat16)
+    norm = state["model.norm.weight"].to(device, torch.bfloat16)
+    return GPUDecoder(cfg, embed, layers, norm, lm_head, act, kv_dtype)

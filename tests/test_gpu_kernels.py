@@ -1,0 +1,186 @@
+"""GPU kernels against float references. Without CUDA they run in Triton's CPU interpreter on small
+shapes; there bf16 tensor-core dots and int8->bf16 conversion are not emulated correctly by the
+interpreter, so the weight-only GEMM and the attention kernels take fp32 activations on the CPU (same
+index and scale logic, wider operands)."""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+triton = pytest.importorskip("triton")
+
+from gpu_backend.kernels.act_quant import norm_quant, silu_mul_quant  # noqa: E402
+from gpu_backend.kernels.attention import decode_attention, rope_and_cache  # noqa: E402
+from gpu_backend.kernels.gemm import gemm, scaled_mm  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+ACT = torch.bfloat16 if CUDA else torch.float32  # activation dtype for weight-only / attention
+FP8 = torch.float8_e4m3fn
+# the interpreter's float->e4m3 conversion does not round to nearest (errors up to one step): looser there
+FP8_TOL = 4e-2 if CUDA else 0.1
+needs_fp8 = pytest.mark.skipif(CUDA and torch.cuda.get_device_capability() < (8, 9), reason="no FP8 on this GPU")
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def rms_ref(x, w, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).bfloat16().float() * w.float()
+
+
+@pytest.mark.parametrize("qdtype", [None, torch.int8, FP8])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_norm_quant(qdtype, with_res):
+    torch.manual_seed(0)
+    m, k = (3, 200) if not CUDA else (37, 4096)
+    x = torch.randn(m, k, device=DEV).bfloat16() * 3
+    res = torch.randn(m, k, device=DEV).bfloat16() if with_res else None
+    w = (torch.rand(k, device=DEV) + 0.5).bfloat16()
+    x_ref = (x.float() + res.float()).bfloat16() if with_res else x
+    ref = rms_ref(x_ref, w, 1e-5)
+    x_in = x.clone()
+    out = torch.full((m, k), 7, dtype=qdtype or torch.bfloat16, device=DEV)  # poisoned
+    q, s = norm_quant(x_in, w, 1e-5, residual=res, qdtype=qdtype, out=out)
+    deq = q.float() * (s[:, None] if qdtype else 1)
+    tol = {None: 1e-2, torch.int8: 1.5e-2, FP8: FP8_TOL}[qdtype]
+    assert rel(deq, ref) < tol
+    if with_res:
+        # exact on the GPU; the interpreter truncates float->bf16 instead of rounding
+        assert torch.equal(x_in, x_ref) if CUDA else torch.allclose(x_in.float(), x_ref.float(), rtol=1e-2)
+    if qdtype is not None:
+        qmax = 127 if qdtype == torch.int8 else 448
+        assert torch.allclose(s.cpu(), ref.abs().amax(-1).cpu() / qmax, rtol=1e-2)
+
+
+@pytest.mark.parametrize("qdtype", [None, torch.int8, FP8])
+def test_silu_mul_quant(qdtype):
+    torch.manual_seed(1)
+    m, i = (2, 96) if not CUDA else (33, 14336)
+    gu = torch.randn(m, 2 * i, device=DEV).bfloat16() * 2
+    ref = (torch.nn.functional.silu(gu[:, :i].float()).bfloat16() * gu[:, i:]).float()
+    q, s = silu_mul_quant(gu, qdtype)
+    deq = q.float() * (s[:, None] if qdtype else 1)
+    assert rel(deq, ref) < {None: 1e-2, torch.int8: 1.5e-2, FP8: FP8_TOL}[qdtype]
+
+
+def test_static_input_scale():
+    x = torch.randn(2, 64, device=DEV).bfloat16()
+    st = torch.tensor([0.05], device=DEV)
+    q, s = norm_quant(x, None, qdtype=torch.int8, static_scale=st)
+    assert torch.allclose(s.cpu(), torch.full((2,), 0.05))
+    assert torch.equal(q.cpu(), (x.float() / 0.05).round().clamp(-127, 127).to(torch.int8).cpu())
+
+
+def _shapes():
+    if not CUDA:
+        return [(1, 48, 64), (5, 40, 80), (17, 64, 96)]
+    return [(1, 6144, 4096), (8, 4096, 14336), (33, 1000, 4096), (64, 4096, 4096), (300, 2048, 1024),
+            (1024, 4096, 4096)]
+
+
+@pytest.mark.parametrize("m,n,k", _shapes())
+@pytest.mark.parametrize("wdtype", [torch.int8, pytest.param(FP8, marks=needs_fp8)])
+def test_w8a8_gemm(m, n, k, wdtype):
+    torch.manual_seed(2)
+    if wdtype == torch.int8:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEV)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+    else:
+        a = torch.randn(m, k, device=DEV).to(FP8)
+        w = torch.randn(n, k, device=DEV).to(FP8)
+    sa, sw = torch.rand(m, device=DEV) + 0.1, torch.rand(n, 1, device=DEV) + 0.1
+    bias = torch.randn(n, device=DEV).bfloat16()
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    c = gemm(a, sa, w, sw, bias=bias, out=out)
+    ref = (a.double().cpu() @ w.double().cpu().T) * sa.double().cpu()[:, None] * sw.double().cpu().T + bias.cpu()
+    assert rel(c, ref) < 1e-2
+    if CUDA and wdtype == FP8 and m > 64:
+        assert rel(scaled_mm(a, sa, w, sw), ref - bias.cpu()) < 1e-2
+
+
+@pytest.mark.parametrize("m,n,k", _shapes()[:3])
+@pytest.mark.parametrize("wdtype", [torch.int8, pytest.param(FP8, marks=needs_fp8)])
+def test_w8a16_gemm(m, n, k, wdtype):
+    torch.manual_seed(3)
+    a = torch.randn(m, k, device=DEV).to(ACT)
+    w = (torch.randint(-127, 128, (n, k), device=DEV).to(torch.int8) if wdtype == torch.int8
+         else torch.randn(n, k, device=DEV).to(FP8))
+    sw = torch.rand(n, device=DEV) * 0.01
+    c = gemm(a, None, w, sw, out_dtype=ACT)
+    ref = (a.double().cpu() @ w.double().cpu().T) * sw.double().cpu()
+    assert rel(c, ref) < 1e-2
+
+
+def rope_ref(x, pos, inv_freq):
+    f = torch.outer(pos.double(), inv_freq.double())
+    cos, sin = torch.cat([f.cos(), f.cos()], -1), torch.cat([f.sin(), f.sin()], -1)
+    x1, x2 = x.double().chunk(2, -1)
+    return x.double() * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+
+@pytest.mark.parametrize("kv_dtype", [ACT, torch.int8, pytest.param(FP8, marks=needs_fp8)])
+def test_rope_and_cache(kv_dtype):
+    torch.manual_seed(4)
+    bsz, t, h, kv, d, max_len = 2, 3, 4, 2, 16, 12
+    qkv = torch.randn(bsz * t, (h + 2 * kv) * d, device=DEV).to(ACT)
+    pos = torch.tensor([5, 6, 7, 0, 1, 2], dtype=torch.int32, device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    f = torch.outer(torch.arange(max_len).float(), inv)
+    kc = torch.zeros(bsz, kv, max_len, d, dtype=kv_dtype, device=DEV)
+    vc = torch.zeros_like(kc)
+    ks, vs = torch.rand(kv, device=DEV) * 0.01 + 0.04, torch.rand(kv, device=DEV) * 0.01 + 0.04  # |x| < 5 fits
+    orig = qkv.clone().cpu().view(bsz * t, h + 2 * kv, d)
+    rope_and_cache(qkv, pos, f.cos().to(DEV), f.sin().to(DEV), kc, vc, ks, vs, h, kv, t)
+    got = qkv.cpu().view(bsz * t, h + 2 * kv, d)
+    ref = rope_ref(orig[:, : h + kv], pos.cpu(), inv)
+    assert rel(got[:, : h + kv], ref) < 1e-2
+    assert torch.equal(got[:, h + kv:], orig[:, h + kv:])
+    scaled = kv_dtype in (torch.int8, FP8)
+    for r in range(bsz * t):
+        b, p = r // t, int(pos[r])
+        k_ref, v_ref = ref[r, h:], orig[r, h + kv:].double()
+        k_got, v_got = kc[b, :, p].double().cpu(), vc[b, :, p].double().cpu()
+        if scaled:
+            k_got, v_got = k_got * ks.cpu().double()[:, None], v_got * vs.cpu().double()[:, None]
+        tol = (FP8_TOL if CUDA else 0.2) if kv_dtype == FP8 else 3e-2
+        assert rel(k_got, k_ref) < tol and rel(v_got, v_ref) < tol
+
+
+@pytest.mark.parametrize("kv_dtype", [ACT, torch.int8, pytest.param(FP8, marks=needs_fp8)])
+@pytest.mark.parametrize("h,kv,d", [(4, 2, 16), (3, 1, 32)] if not CUDA else [(32, 8, 128), (9, 3, 64)])
+def test_decode_attention(kv_dtype, h, kv, d):
+    torch.manual_seed(5)
+    bsz, max_len = 3, 40 if not CUDA else 2100
+    seq = torch.tensor([1, 17, 33] if not CUDA else [1, 700, 2049], dtype=torch.int32, device=DEV)
+    q = torch.randn(bsz, (h + 2 * kv) * d, device=DEV).to(ACT)  # a qkv row: q is its first h*d
+    kf = torch.randn(bsz, kv, max_len, d, device=DEV)
+    vf = torch.randn(bsz, kv, max_len, d, device=DEV)
+    ks = torch.full((kv,), 0.02, device=DEV) if kv_dtype == torch.int8 else torch.full((kv,), 0.5, device=DEV)
+    vs = ks.clone()
+    if kv_dtype in (torch.int8, FP8):
+        qmax = 127 if kv_dtype == torch.int8 else 448
+        kc = (kf / ks[None, :, None, None]).clamp(-qmax, qmax)
+        vc = (vf / vs[None, :, None, None]).clamp(-qmax, qmax)
+        kc, vc = (kc.round(), vc.round()) if kv_dtype == torch.int8 else (kc, vc)
+        kc, vc = kc.to(kv_dtype), vc.to(kv_dtype)
+        kd, vd = kc.float() * ks[None, :, None, None], vc.float() * vs[None, :, None, None]
+    else:
+        kc, vc = kf.to(kv_dtype), vf.to(kv_dtype)
+        kd, vd = kc.float(), vc.float()
+    out = decode_attention(q, kc, vc, ks, vs, seq, h, splits=4 if not CUDA else 16, block_s=16 if not CUDA else 64)
+    qh = q[:, : h * d].double().cpu().view(bsz, h, d)
+    for b in range(bsz):
+        n = int(seq[b])
+        kk = kd[b, :, :n].double().cpu().repeat_interleave(h // kv, 0)
+        vv = vd[b, :, :n].double().cpu().repeat_interleave(h // kv, 0)
+        p = torch.softmax((qh[b, :, None] @ kk.transpose(1, 2)) / d**0.5, -1)
+        ref = (p @ vv)[:, 0].reshape(-1)
+        assert rel(out[b], ref) < 2e-2, b
