@@ -187,7 +187,9 @@ def main() -> None:
             except Exception:  # keep the other schemes' numbers; the log has the error
                 traceback.print_exc()
                 torch.cuda.empty_cache()
-        entry = {"rows": rows}
+        entry = res["models"][name] = {"rows": rows}
+        (out / "gpu_latency.json").write_text(json.dumps(res, indent=1))
+        (out / "gpu_latency.md").write_text(markdown(res))
         if name.startswith("llama") and not args.no_peer:
             try:
                 entry["peer"] = bench_peer(state, cd, bw, CTX, 64)
@@ -195,7 +197,6 @@ def main() -> None:
             except Exception as e:  # the peer is a comparison, not our product: record and go on
                 entry["peer"] = {"error": repr(e)[:500]}
                 log(f"  peer failed: {e!r}"[:500])
-        res["models"][name] = entry
         del state
         torch.cuda.empty_cache()
         (out / "gpu_latency.json").write_text(json.dumps(res, indent=1))
