@@ -53,7 +53,7 @@ class QuantizeConfig:
 
     @property
     def smoothing(self) -> bool:
-        return self.scheme == "w8a8-int8" and self.alpha != 0 and self.alpha != 0.0
+        return self.scheme in ("w8a8-int8", "w8a8-fp8") and self.alpha != 0 and self.alpha != 0.0
 
 
 def _layer_tensors(src: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
@@ -120,7 +120,7 @@ def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path
         del model
     if qc.smoothing and alphas is None:
         alphas = {i: {m.key: float(qc.alpha) for m in MAPPINGS} for i in range(cfg.num_layers)}
-    info["alpha"] = qc.alpha if scheme.name == "w8a8-int8" else None
+    info["alpha"] = qc.alpha if qc.smoothing else 0.0 if scheme.activation_type else None
     info["alphas"] = {str(i): a for i, a in alphas.items()} if alphas else None
     tensors = quantize_tensors(cfg, src, scheme, stats, alphas, set(keep))
     info["quantize_seconds"] = round(time.perf_counter() - t0, 2)

@@ -111,7 +111,8 @@ def _linear_suffixes() -> tuple[str, ...]:
 
 
 def mapping_error(cfg: DecoderConfig, layer: dict[str, torch.Tensor], m: Mapping, x: torch.Tensor,
-                  x_absmax: torch.Tensor, alpha: float, act: str, static: bool) -> float:
+                  x_absmax: torch.Tensor, alpha: float, act: str, static: bool,
+                  float_out: dict[str, torch.Tensor] | None = None) -> float:
     """Relative squared error of the mapping's quantized linears vs float, on captured inputs x [tokens, in]."""
     if alpha > 0:
         _, s_in = mapping_scales(cfg, layer, m, x_absmax, alpha)
@@ -121,7 +122,7 @@ def mapping_error(cfg: DecoderConfig, layer: dict[str, torch.Tensor], m: Mapping
     err = 0.0
     for n in m.linears:
         w = layer[f"{n}.weight"]
-        y = x @ w.t()
+        y = float_out[n] if float_out is not None else x @ w.t()
         q, ws = quantize_weight(w * s_in[None, :], act)
         input_scale = (x_absmax / s_in).max() / 127.0 if static else None
         yq = QuantLinearRef(q, ws, act, input_scale)(xs)
@@ -143,7 +144,8 @@ def search_layer(cfg: DecoderConfig, layer_idx: int, layer: dict[str, torch.Tens
     for m in MAPPINGS:
         x_absmax = stats.input_absmax(p + m.linears[0]).float()
         x = inputs[m.linears[0]].float()
-        errs = [mapping_error(cfg, layer, m, x, x_absmax, a, act, static) for a in grid]
+        ys = {n: x @ layer[f"{n}.weight"].t() for n in m.linears}
+        errs = [mapping_error(cfg, layer, m, x, x_absmax, a, act, static, ys) for a in grid]
         best = grid[min(range(len(grid)), key=errs.__getitem__)]
         alphas[m.key], errors[m.key] = best, errs
         if best > 0:
