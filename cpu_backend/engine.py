@@ -7,9 +7,11 @@ from collections.abc import Iterator
 
 import torch
 
+from cpu_backend.linear import PackedBF16Linear
 from cpu_backend.threads import configure_threads
 from models.backend import Backend, RequestError, SamplingParams, TokenEvent
 from models.chat import load_tokenizer
+from models.decoder import Decoder
 from models.generate import Generator
 from models.registry import resolve
 from models.weights import load_decoder
@@ -20,8 +22,11 @@ MAX_CONTEXT = 8192
 
 class CPUEngine(Backend):
     name = "cpu"
+    SCHEMES = CPU_SCHEMES
 
-    def __init__(self, model: str, scheme: str = "bf16", threads: int | None = None, max_context: int = MAX_CONTEXT) -> None:
+    def __init__(
+        self, model: str, scheme: str = "bf16", threads: int | None = None, max_context: int = MAX_CONTEXT
+    ) -> None:
         if scheme not in CPU_SCHEMES:
             raise RequestError(f"scheme {scheme!r} is not available on CPU; choose one of {', '.join(CPU_SCHEMES)}")
         self.threads = configure_threads(threads)
@@ -29,6 +34,7 @@ class CPUEngine(Backend):
         folder = resolve(model)
         self.tokenizer = load_tokenizer(folder)
         decoder = load_decoder(folder, dtype=torch.bfloat16)
+        pack_bf16(decoder)
         eos = set(decoder.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -51,3 +57,10 @@ class CPUEngine(Backend):
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[TokenEvent]:
         return self.generator.generate(prompt_ids, params, cancel)
+
+
+def pack_bf16(decoder: Decoder) -> None:
+    """Swap every projection and the LM head for prepacked oneDNN BF16 linears."""
+    for name in decoder.linear_names():
+        decoder.replace_linear(name, PackedBF16Linear.from_linear(decoder.get_submodule(name)))
+    decoder.lm_head = PackedBF16Linear.from_linear(decoder.lm_head)

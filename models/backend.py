@@ -36,7 +36,9 @@ class SamplingParams:
         number("top_k", self.top_k, int)
         number("repetition_penalty", self.repetition_penalty, float)
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise RequestError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
+            raise RequestError(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}"
+            )
         if not 0.0 <= self.temperature <= 5.0:
             raise RequestError(f"temperature must be between 0 and 5, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -75,9 +77,11 @@ class TokenEvent:
 
 
 class Backend(ABC):
-    """An engine bound to one loaded model and scheme."""
+    """An engine bound to one loaded model and scheme; ``tokenizer`` renders chats for it."""
 
     name: str = "?"
+    SCHEMES: tuple[str, ...] = ("bf16",)
+    tokenizer: object
 
     @classmethod
     @abstractmethod

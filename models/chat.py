@@ -62,7 +62,9 @@ def split_turns(history: list[dict[str, str]]) -> list[list[dict[str, str]]]:
     return turns
 
 
-def build_prompt(tokenizer, message: str, history: object = None, system: str | None = None, max_tokens: int = 2048) -> Prompt:
+def build_prompt(
+    tokenizer, message: str, history: object = None, system: str | None = None, max_tokens: int = 2048
+) -> Prompt:
     """Render the chat into token ids that fit ``max_tokens``.
 
     Keeps the system prompt and the new message whole; drops the oldest turns first. If even the

@@ -65,7 +65,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCache(nn.Module):
     """Keys and values of every layer, [layers, batch, kv_heads, max_len, head_dim], filled in place."""
 
-    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         super().__init__()
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -89,7 +91,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_out, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -105,7 +109,9 @@ class Attention(nn.Module):
         else:  # a chunk appended after cached tokens: query i sees keys up to start + i
             keys = torch.arange(start + t, device=x.device)
             mask, causal = keys[None, :] <= (start + torch.arange(t, device=x.device))[:, None], False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -128,7 +134,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -169,7 +177,9 @@ class Decoder(nn.Module):
         cached = self._rope_cache
         if cached is None or cached[0].shape[0] < start + length or cached[0].dtype != dtype:
             n = max(start + length, min(self.config.max_position_embeddings, 4096))
-            freqs = torch.outer(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq.float())
+            freqs = torch.outer(
+                torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq.float()
+            )
             emb = torch.cat((freqs, freqs), dim=-1)
             cached = self._rope_cache = (emb.cos().to(dtype), emb.sin().to(dtype))
         return cached[0][start : start + length], cached[1][start : start + length]

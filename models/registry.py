@@ -61,7 +61,9 @@ def resolve(spec: str) -> Path:
             return path
         raise ModelNotFoundError(f"{path} is not a model folder: it needs config.json and model.safetensors")
     known = ", ".join(EMBEDDED)
-    raise ModelNotFoundError(f"unknown model {spec!r}: use one of [{known}], a Hugging Face model folder or a .gguf file")
+    raise ModelNotFoundError(
+        f"unknown model {spec!r}: use one of [{known}], a Hugging Face model folder or a .gguf file"
+    )
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -65,4 +65,3 @@ def load_decoder(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
-

@@ -1,0 +1,117 @@
+"""Chat service: the one place that picks an engine, renders the chat and streams the answer.
+
+The Gradio page and the HTTP API call this; it never touches tensors itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from models.backend import Backend, RequestError, SamplingParams, Timings
+from models.chat import build_prompt
+from models.registry import DEFAULT_MODEL
+
+log = logging.getLogger("q8chat")
+
+BACKENDS = ("cpu", "gpu")
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name == "cpu":
+        from cpu_backend.engine import CPUEngine
+
+        return CPUEngine
+    if name == "gpu":
+        from gpu_backend.engine import GPUEngine
+
+        return GPUEngine
+    raise RequestError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def backend_availability(name: str) -> tuple[bool, str]:
+    try:
+        return backend_class(name).availability()
+    except RequestError:
+        raise
+    except Exception as e:  # a backend whose module cannot even import is unavailable, not fatal
+        return False, f"{name} backend cannot load: {type(e).__name__}: {e}"
+
+
+def backend_schemes(name: str) -> tuple[str, ...]:
+    ok, _ = backend_availability(name)
+    return tuple(getattr(backend_class(name), "SCHEMES", ("bf16",))) if ok else ()
+
+
+@dataclass
+class ChatSettings:
+    backend: str = "cpu"
+    model: str = DEFAULT_MODEL
+    scheme: str = "bf16"
+    system_prompt: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class ChatUpdate:
+    text: str  # the whole answer so far
+    done: bool = False
+    finish_reason: str | None = None
+    timings: Timings | None = None
+    dropped_turns: int = 0
+    backend: str = ""
+    scheme: str = ""
+
+
+class ChatService:
+    """Keeps one loaded engine per backend; a failed load leaves the previous one serving."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, Backend] = {}
+        self._keys: dict[str, tuple[str, str]] = {}
+        self._load_lock = threading.Lock()
+
+    def engine(self, backend: str, model: str, scheme: str) -> Backend:
+        ok, reason = backend_availability(backend)
+        if not ok:
+            raise RequestError(f"the {backend.upper()} backend is not available: {reason}")
+        key = (model, scheme)
+        with self._load_lock:
+            if self._keys.get(backend) != key:
+                try:
+                    engine = backend_class(backend)(model, scheme)
+                except MemoryError as e:
+                    raise RequestError(
+                        f"not enough memory to load {model!r} ({scheme}); the previous model keeps serving"
+                    ) from e
+                self._engines[backend], self._keys[backend] = engine, key
+            return self._engines[backend]
+
+    def chat(
+        self, message: str, history: object, settings: ChatSettings, cancel: threading.Event | None = None
+    ) -> Iterator[ChatUpdate]:
+        if not isinstance(settings.sampling, SamplingParams):
+            raise RequestError("sampling settings are malformed")
+        settings.sampling.validate()
+        engine = self.engine(settings.backend, settings.model, settings.scheme)
+        budget = engine.context_length - settings.sampling.max_new_tokens
+        if budget < 16:
+            raise RequestError(
+                f"max new tokens ({settings.sampling.max_new_tokens}) leaves no room for the prompt in the "
+                f"{engine.context_length}-token context: lower it"
+            )
+        prompt = build_prompt(engine.tokenizer, message, history, settings.system_prompt, max_tokens=budget)
+        text = ""
+        for event in engine.generate(prompt.ids, settings.sampling, cancel):
+            text += event.text
+            yield ChatUpdate(
+                text,
+                done=event.finished,
+                finish_reason=event.finish_reason,
+                timings=event.timings if event.finished else None,
+                dropped_turns=prompt.dropped_turns,
+                backend=settings.backend,
+                scheme=engine.scheme,
+            )

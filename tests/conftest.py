@@ -1,0 +1,26 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def embedded_folder():
+    """The embedded SmolLM2 converted to BF16 safetensors (once per cache folder)."""
+    from models.registry import DEFAULT_MODEL, resolve
+
+    return resolve(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(embedded_folder):
+    """The app's own CPU engine for the embedded model, shared by every test that chats."""
+    from app import service
+    from models.registry import DEFAULT_MODEL
+
+    return service.engine("cpu", DEFAULT_MODEL, "bf16")

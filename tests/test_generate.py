@@ -1,0 +1,115 @@
+"""Generation on the CPU engine: greedy answers, sampling, stopping, cancellation, timings."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+from models.backend import RequestError, SamplingParams
+from models.chat import build_prompt
+from models.generate import TextStream, sample
+
+
+def run(engine, message, cancel=None, **params):
+    ids = build_prompt(engine.tokenizer, message).ids
+    events = list(engine.generate(ids, SamplingParams(**params), cancel))
+    text = "".join(e.text for e in events)
+    return text, events[-1], [e.token_id for e in events if e.token_id is not None]
+
+
+def test_greedy_answer_is_sensible_and_stops_on_eos(cpu_engine):
+    text, last, _ = run(cpu_engine, "What is the capital of France?", max_new_tokens=64)
+    assert "Paris" in text
+    assert last.finished and last.finish_reason == "eos"
+    t = last.timings
+    assert t.prompt_tokens > 10 and 1 < t.generated_tokens < 64
+    assert t.ttft_ms > 0 and t.tpot_ms > 0 and t.tokens_per_s > 0
+
+
+def test_max_new_tokens_is_respected(cpu_engine):
+    _, last, tokens = run(cpu_engine, "Write a long story about a dragon.", max_new_tokens=7)
+    assert last.finish_reason == "length" and len(tokens) == 7 == last.timings.generated_tokens
+
+
+def test_sampling_is_reproducible_by_seed(cpu_engine):
+    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.1)
+    a = run(cpu_engine, "Tell me about cats.", seed=7, **kw)[2]
+    b = run(cpu_engine, "Tell me about cats.", seed=7, **kw)[2]
+    c = run(cpu_engine, "Tell me about cats.", seed=8, **kw)[2]
+    assert a == b
+    assert a != c
+
+
+def test_cancellation_from_another_thread_and_no_state_left(cpu_engine):
+    before, _, _ = run(cpu_engine, "What is the capital of France?", max_new_tokens=32)
+    cancel = threading.Event()
+    ids = build_prompt(cpu_engine.tokenizer, "Count from one to one thousand.").ids
+    seen = []
+    for event in cpu_engine.generate(ids, SamplingParams(max_new_tokens=500), cancel):
+        seen.append(event)
+        if len(seen) == 3:
+            threading.Thread(target=cancel.set).start()
+    assert seen[-1].finish_reason == "cancelled"
+    assert seen[-1].timings.generated_tokens < 20
+    after, _, _ = run(cpu_engine, "What is the capital of France?", max_new_tokens=32)
+    assert after == before
+    assert not cpu_engine.generator.lock.locked()
+
+
+def test_abandoned_stream_releases_the_engine(cpu_engine):
+    ids = build_prompt(cpu_engine.tokenizer, "Hello").ids
+    stream = cpu_engine.generate(ids, SamplingParams(max_new_tokens=50))
+    next(stream)
+    assert cpu_engine.generator.lock.locked()
+    stream.close()
+    assert not cpu_engine.generator.lock.locked()
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(max_new_tokens=10**9), "max_new_tokens"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens="12"), "integer"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=math.nan), "NaN"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(repetition_penalty=100.0), "repetition_penalty"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=True), "seed"),
+    ],
+)
+def test_bad_sampling_parameters_are_refused(params, match):
+    with pytest.raises(RequestError, match=match):
+        SamplingParams(**params).validate()
+
+
+def test_prompt_longer_than_the_context_is_refused(cpu_engine):
+    with pytest.raises(RequestError, match="context"):
+        next(cpu_engine.generate([1] * (cpu_engine.context_length + 1), SamplingParams()))
+
+
+def test_sampler_rules():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, greedy, None, None) == 1
+    rng = torch.Generator().manual_seed(0)
+    only_top = SamplingParams(temperature=1.0, top_k=1)
+    assert {sample(logits, only_top, None, rng) for _ in range(20)} == {1}
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5)
+    assert {sample(logits, nucleus, None, rng) for _ in range(20)} == {1}
+    # repetition penalty 2: positive logit 3 -> 1.5 < 2, so token 2 wins greedily
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample(logits, penalised, torch.tensor([1]), None) == 2
+
+
+def test_text_stream_never_splits_characters(cpu_engine):
+    tok = cpu_engine.tokenizer
+    text = "Crème brûlée 🍮 costs 5€ — 日本語 too."
+    ids = tok.encode(text, add_special_tokens=False)
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
