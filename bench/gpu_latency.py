@@ -85,6 +85,7 @@ def random_state(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     return st
 
 
+@torch.inference_mode()
 def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
     t0 = time.time()
     dec = build_decoder(state, cfg, scheme, kv)
