@@ -155,6 +155,8 @@ def quantize_tensors(cfg: DecoderConfig, src: dict[str, torch.Tensor], scheme: S
         if scheme.kv_cache != "none":
             qmax = INT8_MAX if scheme.kv_cache == "int8" else FP8_MAX
             k_amax, v_amax = stats.kv_absmax(i)
+            if x_absmax is not None and "v_divisor" in x_absmax:  # v_proj rows were smoothed: so are values
+                v_amax = v_amax.flatten() / x_absmax["v_divisor"]
             out[f"{p}self_attn.k_scale"] = (k_amax.max().clamp_min(1e-6) / qmax).reshape(1).float()
             out[f"{p}self_attn.v_scale"] = (v_amax.max().clamp_min(1e-6) / qmax).reshape(1).float()
     return out

@@ -90,9 +90,14 @@ def apply_mapping(layer: dict[str, torch.Tensor], m: Mapping, s_prev: torch.Tens
 
 def smooth_layer(cfg: DecoderConfig, layer_idx: int, layer: dict[str, torch.Tensor], stats: Stats,
                  alphas: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Smooth one layer's float32 tensors in place; return each linear's input abs-max after smoothing."""
+    """Smooth one layer's float32 tensors in place.
+
+    Returns each linear's input abs-max after smoothing, plus ``"v_divisor"``: what each value channel
+    ([kv_heads * head_dim]) was divided by (the KV cache's v_scale must follow it).
+    """
     p = f"model.layers.{layer_idx}."
     x_absmax = {s: stats.input_absmax(p + s).float() for s in _linear_suffixes()}
+    x_absmax["v_divisor"] = torch.ones(cfg.num_kv_heads * cfg.head_dim)
     for m in MAPPINGS:
         alpha = alphas[m.key]
         if alpha <= 0:
@@ -101,6 +106,8 @@ def smooth_layer(cfg: DecoderConfig, layer_idx: int, layer: dict[str, torch.Tens
         apply_mapping(layer, m, s_prev, s_in)
         for n in m.linears:
             x_absmax[n] = x_absmax[n] / s_in
+        if m.prev == "self_attn.v_proj":
+            x_absmax["v_divisor"] = s_prev
     return x_absmax
 
 

@@ -27,7 +27,7 @@ from models.decoder import LINEAR_SUFFIXES, Decoder
 from models.registry import cache_dir, file_digest
 from models.weights import weight_files
 
-STATS_VERSION = "1"
+STATS_VERSION = "2"
 
 
 class PassThroughCache:
@@ -71,7 +71,7 @@ def run_layers(
 @dataclass
 class Stats:
     """Flat tensors: ``<linear>.input_absmax`` [in], ``<linear>.token_absmax_mean`` / ``_max`` [],
-    ``model.layers.N.self_attn.k_absmax`` / ``v_absmax`` [kv_heads]; plus metadata."""
+    ``model.layers.N.self_attn.k_absmax`` / ``v_absmax`` [kv_heads, head_dim]; plus metadata."""
 
     tensors: dict[str, torch.Tensor]
     meta: dict[str, str] = field(default_factory=dict)
@@ -80,6 +80,7 @@ class Stats:
         return self.tensors[f"{linear}.input_absmax"]
 
     def kv_absmax(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Abs-max of keys (after RoPE) and values per KV head and channel, [kv_heads, head_dim] each."""
         p = f"model.layers.{layer}.self_attn"
         return self.tensors[f"{p}.k_absmax"], self.tensors[f"{p}.v_absmax"]
 
@@ -93,7 +94,7 @@ def collect_stats(model: Decoder, samples: torch.Tensor, batch_size: int = 8, pr
     def on_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # [b, kv_heads, t, head_dim]
         for tag, x in (("k", k), ("v", v)):
             name = f"model.layers.{layer}.self_attn.{tag}_absmax"
-            amax = x.detach().abs().float().amax(dim=(0, 2, 3))
+            amax = x.detach().abs().float().amax(dim=(0, 2))  # [kv_heads, head_dim]
             out[name] = torch.maximum(out[name], amax) if name in out else amax
 
     def hook(name: str):
