@@ -151,10 +151,14 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); rebuild the checkpoint") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+        manifest.get("files"), dict
+    ):
         raise CheckpointError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {manifest.get('version')}, this q8chat reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has format version {manifest.get('version')}, this q8chat reads {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -235,7 +239,9 @@ def load_checkpoint(folder: str | Path, verify_hashes: bool = True) -> Quantized
         raise CheckpointError(f"{weights} lacks {len(missing)} tensors for scheme {scheme.name}, e.g. {missing[0]}")
     extra = sorted(set(tensors) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if extra:
-        raise CheckpointError(f"{weights} holds {len(extra)} tensors that config.json does not explain, e.g. {extra[0]}")
+        raise CheckpointError(
+            f"{weights} holds {len(extra)} tensors that config.json does not explain, e.g. {extra[0]}"
+        )
     for name, (dtype, shape) in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape:

@@ -123,8 +123,10 @@ def calibration_samples(
         raise DataError(f"need at least 1 sample of 8 tokens, got {n} x {seq_len}")
     if str(source) != "wiki":
         docs = read_user_file(source)
-        streams = [_render_chat(tokenizer, d) if isinstance(d, list) else _encode(tokenizer, d) + [tokenizer.eos_token_id]
-                   for d in docs]
+        streams = [
+            _render_chat(tokenizer, d) if isinstance(d, list) else _encode(tokenizer, d) + [tokenizer.eos_token_id]
+            for d in docs
+        ]
         return _pack(streams, n, seq_len, str(source))
     calib, _ = wiki_split()
     plain_rows, chat_rows = (n + 1) // 2, n // 2

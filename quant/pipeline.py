@@ -1,4 +1,4 @@
-"""quantize(): model -> statistics -> SmoothQuant -> quantized weights -> checkpoint; build(): the cached entry point."""
+"""quantize(): model -> statistics -> SmoothQuant -> quantized weights -> checkpoint; build(): cached entry point."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def auto_alphas(model: Decoder, cfg: DecoderConfig, src: dict[str, torch.Tensor]
     for i, layer, run in run_layers(model, samples, qc.batch_size, "alpha search" if progress else None):
         captured: dict[str, list[torch.Tensor]] = {s: [] for s in firsts}
 
-        def hook(suffix: str):
+        def hook(suffix: str, captured: dict[str, list[torch.Tensor]] = captured):
             def pre_hook(_m, args) -> None:
                 captured[suffix].append(args[0].detach().reshape(-1, args[0].shape[-1]))
             return pre_hook

@@ -78,7 +78,9 @@ class QuantLinearRef(nn.Module):
     ) -> None:
         super().__init__()
         if weight.dim() != 2 or tuple(weight_scale.shape) != (weight.shape[0], 1):
-            raise ValueError(f"weight {tuple(weight.shape)} needs weight_scale [out, 1], got {tuple(weight_scale.shape)}")
+            raise ValueError(
+                f"weight {tuple(weight.shape)} needs weight_scale [out, 1], got {tuple(weight_scale.shape)}"
+            )
         if act == "float" and weight.dtype != FP8 or act == "int" and weight.dtype != torch.int8:
             raise ValueError(f"activation type {act!r} does not match weight dtype {weight.dtype}")
         self.act = act
@@ -153,7 +155,7 @@ def reference_decoder(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "
         model = Decoder(cfg)
     linear_names = set(model.linear_names()) if ckpt.scheme.quantizes_weights else set()
     state = {}
-    for name, ref in model.state_dict().items():
+    for name in model.state_dict():
         module = name.rpartition(".")[0]
         if module in linear_names or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue

@@ -111,7 +111,9 @@ def collect_stats(model: Decoder, samples: torch.Tensor, batch_size: int = 8, pr
         return pre_hook
 
     for i, layer, run in run_layers(model, samples, batch_size, "calibrating" if progress else None, on_kv):
-        handles = [layer.get_submodule(s).register_forward_pre_hook(hook(f"model.layers.{i}.{s}")) for s in LINEAR_SUFFIXES]
+        handles = [
+            layer.get_submodule(s).register_forward_pre_hook(hook(f"model.layers.{i}.{s}")) for s in LINEAR_SUFFIXES
+        ]
         try:
             run()
         finally:

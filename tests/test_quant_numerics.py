@@ -133,7 +133,8 @@ def test_smoothing_leaves_float_outputs_unchanged(qkv_bias):
                 layer.self_attn.v_proj.bias.normal_(0, 0.1)
     smoothed = _smoothed_copy(model, _fake_stats(model.config), 0.5)
     # the smoothing really moved weights around
-    assert not torch.allclose(smoothed.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
+    norm = model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(smoothed.model.layers[0].input_layernorm.weight, norm)
     assert not torch.allclose(smoothed.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
     tokens = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,0 +1,156 @@
+"""Quality of every quantization scheme on the embedded model: bench/results/quality.{json,md}.
+
+python bench/quality.py [--windows 32] [--threads 2]
+Measures (1) the wall time of one cold `quantize w8a8-int8 --alpha auto` (statistics not cached) plus its
+evaluation, and (2) perplexity / top-1 agreement / KL vs BF16 for every scheme on the same held-out windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+
+    import compressed_tensors
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    from models.chat import load_tokenizer
+    from models.registry import DEFAULT_MODEL, cache_dir, resolve
+    from quant.data import calibration_samples
+    from quant.evaluate import EvalConfig, evaluate_checkpoints
+    from quant.pipeline import QuantizeConfig, quantize
+    from quant.stats import load_stats, model_hash, stats_key, stats_path
+
+    folder = resolve(DEFAULT_MODEL)
+    work = cache_dir() / "bench-quality"
+    ec = EvalConfig(args.windows, args.window, 2)
+    base = QuantizeConfig(model=DEFAULT_MODEL)
+    samples = calibration_samples(load_tokenizer(folder), base.samples, base.seq_len, base.data)
+    spath = stats_path(stats_key(model_hash(folder), samples))
+    spath.unlink(missing_ok=True)  # time a cold run
+
+    t0 = time.perf_counter()
+    sq = quantize(QuantizeConfig(scheme="w8a8-int8", alpha="auto"), work / "w8a8-int8-auto")
+    t_quant = time.perf_counter() - t0
+    evaluate_checkpoints({"w8a8-int8-auto": sq}, ec)
+    t_total = time.perf_counter() - t0
+    print(f"cold quantize {t_quant:.1f} s, + eval {t_total - t_quant:.1f} s = {t_total:.1f} s", flush=True)
+
+    stats = load_stats(spath)
+    ratios = []
+    for key, t in stats.tensors.items():
+        if key.endswith(".input_absmax"):
+            ratios.append((float(t.max() / t.median()), key[: -len(".input_absmax")]))
+    sensitive = tuple(name for _, name in sorted(ratios, reverse=True)[:2])
+
+    variants = {
+        "bf16": QuantizeConfig(scheme="bf16"),
+        "w8a16-int8": QuantizeConfig(scheme="w8a16-int8"),
+        "w8a8-int8 naive (alpha 0)": QuantizeConfig(scheme="w8a8-int8", alpha=0.0),
+        "w8a8-int8 SmoothQuant alpha 0.5": QuantizeConfig(scheme="w8a8-int8", alpha=0.5),
+        "w8a8-int8 SmoothQuant alpha auto": None,
+        "w8a8-int8 SmoothQuant auto, static per-tensor": QuantizeConfig(scheme="w8a8-int8", activations="static"),
+        "w8a8-int8 SmoothQuant auto + int8 KV": QuantizeConfig(scheme="w8a8-int8", kv_cache="int8"),
+        "w8a8-fp8 (alpha 0)": QuantizeConfig(scheme="w8a8-fp8", alpha=0.0),
+        "w8a8-fp8 SmoothQuant auto": QuantizeConfig(scheme="w8a8-fp8", alpha="auto"),
+        "w8a8-fp8 SmoothQuant auto, 2 outlier linears BF16": QuantizeConfig(scheme="w8a8-fp8", keep_bf16=sensitive),
+        "w8a8-fp8 SmoothQuant auto + fp8 KV": QuantizeConfig(scheme="w8a8-fp8", kv_cache="fp8"),
+    }
+    folders, qtimes = {}, {}
+    for i, (name, qc) in enumerate(variants.items()):
+        if qc is None:
+            folders[name], qtimes[name] = sq, t_quant
+            continue
+        t = time.perf_counter()
+        folders[name] = quantize(qc, work / f"v{i}", progress=False)
+        qtimes[name] = time.perf_counter() - t
+        print(f"built {name} in {qtimes[name]:.1f} s", flush=True)
+    t = time.perf_counter()
+    res = evaluate_checkpoints(folders, ec)
+    t_eval_all = time.perf_counter() - t
+
+    ref = res.pop("reference")
+    rows = []
+    for name, r in res.items():
+        manifest = json.loads((Path(folders[name]) / "q8chat_manifest.json").read_text())
+        rows.append({"variant": name, "scheme": manifest["scheme"], "alpha": manifest.get("alpha"),
+                     "kv_cache": manifest["kv_cache"], "activations": manifest.get("activations"),
+                     "keep_bf16": manifest.get("keep_bf16"), "quantize_seconds": round(qtimes[name], 1), **r})
+    result = {
+        "machine": {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "compressed_tensors": compressed_tensors.__version__},
+        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "model": DEFAULT_MODEL,
+        "calibration": {"data": "Wikipedia extracts (calibration split, half plain, half chat template)",
+                        "samples": base.samples, "seq_len": base.seq_len, "search_samples": base.search_samples,
+                        "search_tokens": base.search_tokens},
+        "evaluation": {"data": "Wikipedia extracts (held-out split, disjoint from calibration)",
+                       "windows": ref["windows"], "window": ref["window"], "stride": ref["stride"],
+                       "tokens_scored": ref["tokens"], "bf16_perplexity": ref["perplexity"],
+                       "numerics": "quant.reference: int8 per-token (round-half-even, clamp +-127) / fp8 E4M3 casts"},
+        "timing_seconds": {"cold_quantize_w8a8_int8_auto": round(t_quant, 1),
+                           "cold_quantize_plus_eval": round(t_total, 1), "eval_all_variants": round(t_eval_all, 1)},
+        "sensitive_linears_kept_bf16": list(sensitive),
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    e, t = r["evaluation"], r["timing_seconds"]
+    lines = [
+        f"Quality of {r['model']} (BF16 perplexity {e['bf16_perplexity']:.3f}) on held-out Wikipedia: "
+        f"{e['windows']} windows x {e['window']} tokens, stride {e['stride']} ({e['tokens_scored']} scored tokens); "
+        f"calibration {r['calibration']['samples']} x {r['calibration']['seq_len']} tokens from the disjoint split.",
+        "",
+        "| variant | perplexity | delta | top-1 agreement | KL vs BF16 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in r["results"]:
+        lines.append(f"| {row['variant']} | {row['perplexity']:.3f} | {row['delta_pct']:+.2f}% | "
+                     f"{100 * row['agreement']:.2f}% | {row['kl']:.4f} |")
+    lines += [
+        "",
+        f"Numerics: {e['numerics']}. Cold quantize (w8a8-int8, alpha auto, statistics not cached) "
+        f"{t['cold_quantize_w8a8_int8_auto']} s + evaluation = {t['cold_quantize_plus_eval']} s.",
+        "BF16-kept linears in the fp8 variant (largest channel outlier ratio): "
+        f"{', '.join(r['sensitive_linears_kept_bf16'])}.",
+        f"Machine: {r['machine']['cpu']}, {r['machine']['threads']} threads; torch {r['versions']['torch']}, "
+        f"transformers {r['versions']['transformers']}, compressed-tensors {r['versions']['compressed_tensors']}. "
+        f"Command: `{r['command']}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
