@@ -18,8 +18,7 @@ log = logging.getLogger("q8chat")
 service = ChatService()
 cancel_events: dict[str, threading.Event] = {}
 
-METRICS_MARK = "⏱"
-METRICS_RE = re.compile(rf"\n*{METRICS_MARK} [^\n]*\Z")
+METRICS_RE = re.compile(r"\n*`TTFT [^\n]*`\Z")
 
 
 def metrics_line(update: ChatUpdate) -> str:
@@ -34,7 +33,7 @@ def metrics_line(update: ChatUpdate) -> str:
         parts.append("hit max new tokens")
     if update.dropped_turns:
         parts.append(f"{update.dropped_turns} oldest turn(s) left out to fit the context")
-    return f"{METRICS_MARK} " + " · ".join(parts)
+    return "`" + " · ".join(parts) + "`"
 
 
 def message_text(message: dict) -> str:
@@ -85,7 +84,7 @@ def respond(
         stream = service.chat(message, strip_metrics(history), settings, cancel)
         first = next(stream)
     except Exception as e:  # noqa: BLE001 - everything becomes a message, never a traceback
-        yield history, message, f"⚠️ {friendly_error(e)}"
+        yield history, message, f"**Cannot answer:** {friendly_error(e)}"
         return
     history = history + [{"role": "user", "content": message.strip()}, {"role": "assistant", "content": ""}]
     update = first
@@ -95,7 +94,7 @@ def respond(
             history[-1] = {"role": "assistant", "content": answer}
             yield history, "", ""
     except Exception as e:  # noqa: BLE001
-        yield history, "", f"⚠️ {friendly_error(e)}"
+        yield history, "", f"**Cannot answer:** {friendly_error(e)}"
     finally:
         cancel_events.pop(session, None)
 

@@ -39,7 +39,8 @@ class CPUEngine(Backend):
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         max_len = min(decoder.config.max_position_embeddings, max_context)
-        self.generator = Generator(decoder, self.tokenizer, eos, max_len)
+        # float32 KV cache: CPU attention matmuls at decode shapes run faster in float32 than in BF16
+        self.generator = Generator(decoder, self.tokenizer, eos, max_len, cache_dtype=torch.float32)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -60,7 +61,10 @@ class CPUEngine(Backend):
 
 
 def pack_bf16(decoder: Decoder) -> None:
-    """Swap every projection and the LM head for prepacked oneDNN BF16 linears."""
-    for name in decoder.linear_names():
-        decoder.replace_linear(name, PackedBF16Linear.from_linear(decoder.get_submodule(name)))
+    """Fuse q/k/v and gate/up, then put every projection and the LM head on prepacked oneDNN BF16 linears."""
+    decoder.fuse_projections(PackedBF16Linear.fused)
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        for i in range(decoder.config.num_layers):
+            full = f"model.layers.{i}.{name}"
+            decoder.replace_linear(full, PackedBF16Linear.from_linear(decoder.get_submodule(full)))
     decoder.lm_head = PackedBF16Linear.from_linear(decoder.lm_head)

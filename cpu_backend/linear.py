@@ -24,5 +24,18 @@ class PackedBF16Linear(nn.Module):
     def from_linear(cls, linear: nn.Module) -> PackedBF16Linear:
         return cls(linear.weight, getattr(linear, "bias", None))
 
+    @classmethod
+    def fused(cls, linears: list[nn.Module]) -> PackedBF16Linear:
+        """One linear computing ``linears`` side by side (outputs concatenated in order)."""
+        biases = [getattr(m, "bias", None) for m in linears]
+        bias = (
+            None
+            if all(b is None for b in biases)
+            else torch.cat(
+                [b if b is not None else torch.zeros(m.weight.shape[0]) for b, m in zip(biases, linears, strict=True)]
+            )
+        )
+        return cls(torch.cat([m.weight for m in linears]), bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")

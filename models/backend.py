@@ -22,6 +22,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def validate(self) -> SamplingParams:
         def number(name: str, value: object, kind: type) -> None:

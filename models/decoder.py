@@ -8,6 +8,7 @@ load without renaming. Every projection is a plain module with a ``weight`` of s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,19 @@ class KVCache(nn.Module):
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query token over the cache: q [b, H, 1, D], k/v [b, KV, S, D]. Grouped-query heads share keys.
+
+    Two batched matmuls and a float32 softmax, in the cache's dtype: on CPU ~4x faster than SDPA's
+    generic kernel at T=1 (and float32 matmuls beat BF16 ones at these tiny shapes).
+    """
+    b, n_heads, _, d = q.shape
+    n_kv = k.shape[1]
+    scores = torch.matmul(q.view(b, n_kv, n_heads // n_kv, d), k.transpose(-1, -2)) * d**-0.5
+    probs = scores.float().softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(b, n_heads, 1, d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int) -> None:
         super().__init__()
@@ -90,21 +104,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_out, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_out, hidden, bias=False)
+        self.split = (q_out, kv_out, kv_out)
+        self.qkv_proj: nn.Module | None = None  # set by Decoder.fuse_projections
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = cache.update(self.layer, start, k.to(cache.k.dtype), v.to(cache.v.dtype))
-        k, v = k.to(q.dtype), v.to(q.dtype)
         if t == 1:
-            mask, causal = None, False
-        elif start == 0:
+            out = decode_attention(q.to(k.dtype), k, v).to(q.dtype)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if start == 0:
             mask, causal = None, True
         else:  # a chunk appended after cached tokens: query i sees keys up to start + i
             keys = torch.arange(start + t, device=x.device)
@@ -121,9 +142,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # set by Decoder.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -168,6 +194,18 @@ class Decoder(nn.Module):
     def replace_linear(self, name: str, module: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(self.get_submodule(parent_name), child, module)
+
+    def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module]) -> None:
+        """Replace q/k/v and gate/up by one module each (they read the same input): fewer, larger GEMMs.
+
+        ``fuse`` receives the source projections in output order and returns the fused module; the
+        sources are removed. Backends call this after loading (plain or quantized linears).
+        """
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.gate_up_proj = fuse([mlp.gate_proj, mlp.up_proj])
+            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         max_len = min(max_len, self.config.max_position_embeddings)

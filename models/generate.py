@@ -67,9 +67,17 @@ class Generator:
     Engines override ``prefill``/``decode`` to put compiled or graph-captured code on the hot path.
     """
 
-    def __init__(self, model: Decoder, tokenizer, eos_ids: set[int], max_len: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer,
+        eos_ids: set[int],
+        max_len: int,
+        device: str = "cpu",
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, set(eos_ids), device
-        self.cache: KVCache = model.new_cache(1, max_len)
+        self.cache: KVCache = model.new_cache(1, max_len, cache_dtype)
         self.lock = threading.Lock()
 
     @property
@@ -115,7 +123,7 @@ class Generator:
                 first = last
                 timings.ttft_ms = (first - start) * 1000
             timings.generated_tokens = i + 1
-            if token in self.eos_ids:
+            if token in self.eos_ids and not params.ignore_eos:
                 reason = "eos"
                 break
             if seen is not None:
