@@ -155,7 +155,8 @@ def decode_attention(
     g = n_heads // n_kv
     assert q.stride(1) == 1 and triton.next_power_of_2(d) == d
     if out is None:
-        out = torch.empty((bsz, n_heads * d), dtype=q.dtype, device=q.device)
+        # bf16 on the GPU even when q arrives in fp32 (a split-K GEMM output)
+        out = torch.empty((bsz, n_heads * d), dtype=torch.bfloat16 if q.is_cuda else q.dtype, device=q.device)
     if workspace is None:
         workspace = decode_workspace(bsz, n_heads, d, splits, q.device)
     o_part, ml = workspace

@@ -30,11 +30,12 @@ SMALL_M = 64  # up to here the weight-streaming tiles are used
 @triton.jit
 def _gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_wn, stride_cm,
-    A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    M, N, K, k_chunk, stride_am, stride_wn, stride_cm,
+    A_SCALED: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_chunk, (pid_k + 1) * k_chunk)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     # grouped order: programs that run together share A rows and W columns in L2
@@ -49,12 +50,14 @@ def _gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     rm_c = tl.where(rm < M, rm, 0).to(tl.int64)  # clamp instead of masking the loads on M and N
     rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
-    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]
-    w_ptrs = w_ptr + rn_c[None, :] * stride_wn + rk[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
+    k_lo = pid_k * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
+    a_ptrs = a_ptr + rm_c[:, None] * stride_am + (k_lo + rk)[None, :]
+    w_ptrs = w_ptr + rn_c[None, :] * stride_wn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
 
     ACC: tl.constexpr = tl.int32 if INT_ACC else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
@@ -72,29 +75,34 @@ def _gemm_kernel(
     if A_SCALED:
         c = c * tl.load(a_scale_ptr + rm_c)[:, None]
     if HAS_BIAS:
-        c = c + tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
+        if pid_k == 0:
+            c = c + tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    cmask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ATOMIC:  # split-K: slices add their (already scaled) partial sums into a zeroed fp32 output
+        tl.atomic_add(c_ptrs, c, mask=cmask, sem="relaxed")
+    else:
+        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_M is raised to cover M when small.
-# Small M keeps BLOCK_M = 64 even for M = 1: on sm90 that tile takes the wgmma path, which measured
-# faster than the 16-row mma.sync path (FP8 at M = 1 was 2x slower with 16-row tiles).
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K).
+# Small M: the weight tile must dwarf the (redundant, L2-resident) activation tile, so BLOCK_M = 16 and
+# wide N tiles; split-K then restores the parallelism that wide tiles take away (N = 4096 / 128 is
+# only 32 programs). Measured on H200: 64-row tiles re-read A 64 times and ran at ~1 TB/s.
 SMALL_M_CANDIDATES = [
-    (64, 16, 256, 1, 4, 4),
-    (64, 32, 256, 1, 4, 4),
-    (64, 64, 128, 1, 4, 5),
-    (64, 64, 256, 1, 4, 4),
-    (64, 128, 128, 1, 4, 4),
-    (64, 128, 256, 1, 8, 3),
+    (16, bn, bk, 1, 4, st, sk)
+    for bn, bk, st in ((64, 256, 4), (128, 128, 4), (128, 256, 3))
+    for sk in (1, 2, 4, 8)
 ]
 LARGE_M_CANDIDATES = [
-    (128, 128, 128, 8, 8, 3),
-    (128, 256, 128, 8, 8, 3),
-    (64, 128, 128, 8, 4, 4),
-    (128, 128, 64, 8, 4, 4),
+    (128, 128, 128, 8, 8, 3, 1),
+    (128, 256, 128, 8, 8, 3, 1),
+    (64, 128, 128, 8, 4, 4, 1),
+    (128, 128, 64, 8, 4, 4, 1),
 ]
-INTERPRET_CONFIG = (16, 16, 32, 1, 1, 1)
+INTERPRET_CONFIG = (16, 16, 32, 1, 1, 1, 1)
+INTERPRET_SPLIT_CONFIG = (16, 16, 32, 1, 1, 1, 2)  # tests the split-K path in the interpreter
 
 tune_cache: dict[tuple, tuple] = {}
 
@@ -104,37 +112,48 @@ def m_bucket(m: int) -> int:
 
 
 def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
-    bm, bn, bk, gm, warps, stages = cfg
+    bm, bn, bk, gm, warps, stages, split = cfg
     m, k = a.shape
     n = w.shape[0]
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    k_chunk = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, k_chunk))
     _gemm_kernel[grid](
         a, a_scale if a_scale is not None else w_scale, w, w_scale, bias if bias is not None else w_scale, c,
-        m, n, k, a.stride(0), w.stride(0), c.stride(0),
-        A_SCALED=a_scale is not None, INT_ACC=a.dtype == torch.int8, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
+        m, n, k, k_chunk, a.stride(0), w.stride(0), c.stride(0),
+        A_SCALED=a_scale is not None, INT_ACC=a.dtype == torch.int8, HAS_BIAS=bias is not None,
+        EVEN_K=k % bk == 0, ATOMIC=split > 1,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
     )
 
 
-def _candidates(m: int, k: int) -> list[tuple]:
-    if m <= SMALL_M:
-        cands = list(SMALL_M_CANDIDATES)
-    else:
-        cands = list(LARGE_M_CANDIDATES)
-    return [c for c in cands if c[2] <= max(32, triton.next_power_of_2(k))]
+def _run(a, a_scale, w, w_scale, bias, cfg, out=None) -> torch.Tensor:
+    """Launch one config; split-K writes a zeroed fp32 output (consumers read fp32 or bf16 alike)."""
+    m, n = a.shape[0], w.shape[0]
+    if cfg[-1] > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
+    elif out is None:
+        out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
+    _launch(a, a_scale, w, w_scale, bias, out, cfg)
+    return out
 
 
-def _pick(a, a_scale, w, w_scale, bias, c) -> tuple:
+def _candidates(m: int, k: int, allow_split: bool) -> list[tuple]:
+    cands = list(SMALL_M_CANDIDATES if m <= SMALL_M else LARGE_M_CANDIDATES)
+    return [c for c in cands if c[2] <= max(32, triton.next_power_of_2(k)) and (allow_split or c[-1] == 1)
+            and triton.cdiv(k, c[2]) >= c[-1]]
+
+
+def _pick(a, a_scale, w, w_scale, bias, allow_split: bool) -> tuple:
     if INTERPRET or not a.is_cuda:
-        return INTERPRET_CONFIG
+        return INTERPRET_SPLIT_CONFIG if allow_split and a.shape[1] >= 64 else INTERPRET_CONFIG
     m, k = a.shape
-    key = (a.dtype, w.dtype, m_bucket(m), w.shape[0], k, bias is not None)
+    key = (a.dtype, w.dtype, m_bucket(m), w.shape[0], k, bias is not None, allow_split)
     cfg = tune_cache.get(key)
     if cfg is None:
         best = None
-        for cand in _candidates(m, k):
+        for cand in _candidates(m, k, allow_split):
             try:
-                t = triton.testing.do_bench(lambda cand=cand: _launch(a, a_scale, w, w_scale, bias, c, cand),
+                t = triton.testing.do_bench(lambda cand=cand: _run(a, a_scale, w, w_scale, bias, cand),
                                             warmup=5, rep=20, return_mode="median")
             except Exception:  # a config that does not compile or fit in shared memory: skip it
                 continue
@@ -153,20 +172,29 @@ def gemm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """(A @ W^T) * a_scale[:, None] * w_scale[None, :] (+ bias). a_scale None: weight-only (A in bf16)."""
+    """(A @ W^T) * a_scale[:, None] * w_scale[None, :] (+ bias). a_scale None: weight-only (A in bf16).
+
+    Returns bf16, or float32 when the tuner chose split-K (small M) and neither ``out`` nor
+    ``out_dtype`` fixes the dtype.
+    """
     assert a.dim() == 2 and w.dim() == 2 and a.shape[1] == w.shape[1], (a.shape, w.shape)
     assert a.stride(1) == 1 and w.stride(1) == 1
     w_scale = w_scale.reshape(-1)
     if a_scale is not None:
         a_scale = a_scale.reshape(-1)
-    if out is None:
+    if out is None and out_dtype is not None:
         out = torch.empty((a.shape[0], w.shape[0]), dtype=out_dtype, device=a.device)
+    allow_split = out is None or out.dtype == torch.float32
     if a.shape[0] == 0:
+        return out if out is not None else torch.empty((0, w.shape[0]), dtype=torch.bfloat16, device=a.device)
+    cfg = _pick(a, a_scale, w, w_scale, bias, allow_split)
+    if cfg[-1] > 1 and out is not None:
+        out.zero_()
+        _launch(a, a_scale, w, w_scale, bias, out, cfg)
         return out
-    _launch(a, a_scale, w, w_scale, bias, out, _pick(a, a_scale, w, w_scale, bias, out))
-    return out
+    return _run(a, a_scale, w, w_scale, bias, cfg, out)
 
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
