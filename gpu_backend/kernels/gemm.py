@@ -138,7 +138,12 @@ def _run(a, a_scale, w, w_scale, bias, cfg, out=None) -> torch.Tensor:
 
 
 def _candidates(m: int, k: int, allow_split: bool) -> list[tuple]:
-    cands = list(SMALL_M_CANDIDATES if m <= SMALL_M else LARGE_M_CANDIDATES)
+    if m <= SMALL_M:  # cover M in one row tile: 16-row tiles at M = 64 re-read the weights 4 times
+        bm = max(16, triton.next_power_of_2(m))
+        cands = [(bm, bn, bk, gm, w, st if bm == 16 else min(st, 3), sk) for _, bn, bk, gm, w, st, sk in
+                 SMALL_M_CANDIDATES]
+    else:
+        cands = list(LARGE_M_CANDIDATES)
     return [c for c in cands if c[2] <= max(32, triton.next_power_of_2(k)) and (allow_split or c[-1] == 1)
             and triton.cdiv(k, c[2]) >= c[-1]]
 
