@@ -59,7 +59,9 @@ class GraphGenerator(Generator):
 class GPUEngine(Backend):
     name = "gpu"
 
-    def __init__(self, model: str, scheme: str = "bf16", kv_cache: str = "bf16", max_context: int = MAX_CONTEXT) -> None:
+    def __init__(
+        self, model: str, scheme: str = "bf16", kv_cache: str = "bf16", max_context: int = MAX_CONTEXT
+    ) -> None:
         ok, why = availability()
         if not ok:
             raise RequestError(f"the GPU backend is not available: {why}")
