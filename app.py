@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import re
+import tempfile
 import threading
+import time
+from functools import partial
+from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 from models.backend import SamplingParams
 from models.registry import DEFAULT_MODEL
 from service import BACKENDS, ChatService, ChatSettings, ChatUpdate, backend_availability, backend_schemes
+from startup import Step, Warmup
 
 log = logging.getLogger("q8chat")
 service = ChatService()
+warmup = Warmup()
 cancel_events: dict[str, threading.Event] = {}
 
 METRICS_RE = re.compile(r"\n*`TTFT [^\n]*`\Z")
@@ -81,6 +89,7 @@ def respond(
         settings = ChatSettings(
             backend, model, scheme, system or "", sampling(max_new, temperature, top_p, top_k, rep, seed)
         )
+        warmup.check(backend, scheme)
         stream = service.chat(message, strip_metrics(history), settings, cancel)
         first = next(stream)
     except Exception as e:  # noqa: BLE001 - everything becomes a message, never a traceback
@@ -132,6 +141,7 @@ def chat_api(
             system_prompt or "",
             sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
         )
+        warmup.check(backend, scheme)
         text = ""
         for update in service.chat(message, [], settings):
             text = update.text
@@ -159,6 +169,114 @@ def backend_choices() -> tuple[list[tuple[str, str]], str]:
     return choices, "; ".join(notes)
 
 
+COMPARE_COLUMNS = [
+    "run", "time", "backend", "scheme", "model", "prompt", "prompt_tokens", "generated_tokens",
+    "ttft_ms", "tpot_ms", "tokens_per_s", "finish",
+]  # fmt: skip
+METRICS = (("ttft_ms", "Time to first token (ms)"), ("tpot_ms", "ms per output token"), ("tokens_per_s", "tokens/s"))
+
+
+def compare_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
+
+
+def compare_csv(rows: list[dict], session: str) -> str:
+    """This session's measurements as a CSV file for the download button."""
+    folder = Path(tempfile.gettempdir()) / "q8chat-compare"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"q8chat-measurements-{re.sub(r'[^A-Za-z0-9_-]', '', session)[:40] or 'local'}.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COMPARE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def compare_header(name: str) -> str:
+    ok, reason = backend_availability(name)
+    return f"#### {name.upper()}" + ("" if ok else f"\n**unavailable:** {reason}")
+
+
+def compare(prompt, chosen, model, system, max_new, schemes, rows, request: gr.Request):
+    """Compare handler: one prompt on each chosen backend in turn (never two at once, so the timings are
+    fair), answers streamed into their columns, then the bar charts, the session plot and the CSV.
+
+    Yields (answers per backend..., bars per metric..., timeline, rows, csv)."""
+    rows = list(rows or [])
+    session = request.session_hash if request else "local"
+    answers = {name: "" for name in BACKENDS}
+    keep = [gr.skip()] * (len(METRICS) + 3)
+
+    def out(final=False, latest=None):
+        cols = [answers[name] for name in BACKENDS]
+        if not final:
+            return (*cols, *keep)
+        frame = compare_frame(latest or [])
+        bars = [frame[["backend", key]] for key, _ in METRICS]
+        timeline = compare_frame(rows)
+        return (*cols, *bars, timeline, rows, compare_csv(rows, session) if rows else None)
+
+    chosen = [name for name in BACKENDS if name in (chosen or [])]
+    if not chosen:
+        answers = {name: "*pick at least one backend above*" for name in BACKENDS}
+        yield out()
+        return
+    run = 1 + max((r["run"] for r in rows), default=0)
+    latest = []
+    cancel = cancel_events[session] = threading.Event()
+    try:
+        for name in BACKENDS:
+            if name not in chosen:
+                answers[name] = "*not selected*"
+                continue
+            ok, reason = backend_availability(name)
+            if not ok:
+                answers[name] = f"**{name.upper()} unavailable:** {reason}"
+                yield out()
+                continue
+            scheme = schemes.get(name) or backend_schemes(name)[0]
+            try:
+                params = sampling(max_new, 0.0, 1.0, 0, 1.0, 0)
+                warmup.check(name, scheme)
+                update = None
+                for update in service.chat(prompt, [], ChatSettings(name, model, scheme, system or "", params), cancel):
+                    answers[name] = update.text
+                    yield out()
+            except Exception as e:  # noqa: BLE001 - shown in the backend's column
+                answers[name] = f"**Cannot answer:** {friendly_error(e)}"
+                yield out()
+                continue
+            if update is None or update.timings is None:
+                continue
+            answers[name] = f"{update.text}\n\n{metrics_line(update)}"
+            t = update.timings
+            row = {
+                "run": run,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "backend": name.upper(),
+                "scheme": update.scheme,
+                "model": model,
+                "prompt": prompt.strip(),
+                "prompt_tokens": t.prompt_tokens,
+                "generated_tokens": t.generated_tokens,
+                "ttft_ms": round(t.ttft_ms, 2),
+                "tpot_ms": round(t.tpot_ms, 3),
+                "tokens_per_s": round(t.tokens_per_s, 2),
+                "finish": update.finish_reason,
+            }
+            rows.append(row)
+            latest.append(row)
+            yield out()
+    finally:
+        cancel_events.pop(session, None)
+    yield out(final=True, latest=latest)
+
+
+def startup_status():
+    text = warmup.markdown()
+    return gr.update(value=text, visible=bool(text)), gr.Timer(active=warmup.status()["state"] == "loading")
+
+
 def build_ui() -> gr.Blocks:
     choices, notes = backend_choices()
     with gr.Blocks(title="q8chat") as demo:
@@ -184,21 +302,169 @@ def build_ui() -> gr.Blocks:
                 top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
                 rep = gr.Slider(1.0, 2.0, value=1.1, step=0.01, label="Repetition penalty")
                 seed = gr.Number(value=None, precision=0, label="Seed (empty = random)")
-        chatbot = gr.Chatbot(label="Chat", height=540, elem_id="chatbot")
-        with gr.Row():
-            box = gr.Textbox(placeholder="Ask something…", show_label=False, scale=8, elem_id="message")
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-        status = gr.Markdown(elem_id="status")
+        loading = gr.Markdown(warmup.markdown(), visible=bool(warmup.markdown()), elem_id="startup")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
+                chatbot = gr.Chatbot(label="Chat", height=540, elem_id="chatbot")
+                with gr.Row():
+                    box = gr.Textbox(placeholder="Ask something…", show_label=False, scale=8, elem_id="message")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+                status = gr.Markdown(elem_id="status")
+            with gr.Tab("Compare", id="compare", elem_id="compare-tab"):
+                compare_parts = build_compare(model, system)
 
         inputs = [box, chatbot, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed]
         outputs = [chatbot, box, status]
         for trigger in (box.submit, send.click):
             trigger(respond, inputs, outputs, concurrency_limit=1, concurrency_id="engine", api_visibility="private")
         stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+        compare_parts["stop"].click(stop, None, None, queue=False, api_visibility="private")
         backend.change(on_backend_change, backend, [backend, scheme], api_visibility="private")
         gr.api(chat_api, api_name="chat", concurrency_limit=1, concurrency_id="engine")
+
+        timer = gr.Timer(1.0, active=warmup.status()["state"] == "loading")
+        timer.tick(startup_status, None, [loading, timer], queue=False, api_visibility="private")
+        demo.load(startup_status, None, [loading, timer], queue=False, api_visibility="private")
     return demo
+
+
+def build_compare(model: gr.Dropdown, system: gr.Textbox) -> dict:
+    gr.Markdown(
+        "Send one prompt to every chosen backend in turn (greedy decoding, so the answers are comparable) and "
+        "compare time to first token, ms per output token and tokens/s. Every run of this session is kept "
+        "for the plot below and the CSV."
+    )
+    available = [name for name in BACKENDS if backend_availability(name)[0]]
+    with gr.Row():
+        prompt = gr.Textbox(
+            value="Explain in two sentences why the sky is blue.", label="Prompt", scale=6, elem_id="compare-prompt"
+        )
+        with gr.Column(scale=2):
+            chosen = gr.CheckboxGroup(
+                [(n.upper() if n in available else f"{n.upper()} (unavailable)", n) for n in BACKENDS],
+                value=available,
+                label="Backends",
+                elem_id="compare-backends",
+            )
+            max_new = gr.Slider(8, 512, value=64, step=8, label="Max new tokens", elem_id="compare-max-new")
+    with gr.Row():
+        run = gr.Button("Compare", variant="primary", elem_id="compare-run")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+    answers, scheme_boxes = [], []
+    with gr.Row(equal_height=True):
+        for name in BACKENDS:
+            with gr.Column():
+                gr.Markdown(compare_header(name))
+                schemes = list(backend_schemes(name))
+                scheme_boxes.append(
+                    gr.Dropdown(
+                        schemes,
+                        value=schemes[0] if schemes else None,
+                        label="Scheme",
+                        interactive=bool(schemes),
+                        elem_id=f"compare-scheme-{name}",
+                    )
+                )
+                answers.append(gr.Markdown(elem_id=f"compare-answer-{name}", min_height=120))
+    with gr.Row():
+        bars = [
+            gr.BarPlot(
+                compare_frame([])[["backend", key]],
+                x="backend",
+                y=key,
+                color="backend",
+                title=title,
+                y_title=title,
+                height=240,
+                elem_id=f"compare-bar-{key}",
+            )
+            for key, title in METRICS
+        ]
+    timeline = gr.LinePlot(
+        compare_frame([]),
+        x="run",
+        y="tokens_per_s",
+        color="backend",
+        title="tokens/s over this session's runs",
+        height=260,
+        elem_id="compare-timeline",
+    )
+    rows = gr.State([])
+    download = gr.DownloadButton("Export CSV", value=None, elem_id="compare-csv")
+    schemes_state = gr.State({})
+
+    def pick(*values):
+        return dict(zip(BACKENDS, values, strict=True))
+
+    for box in scheme_boxes:
+        box.change(pick, scheme_boxes, schemes_state, queue=False, api_visibility="private")
+    run.click(
+        compare,
+        [prompt, chosen, model, system, max_new, schemes_state, rows],
+        [*answers, *bars, timeline, rows, download],
+        concurrency_limit=1,
+        concurrency_id="engine",
+        api_visibility="private",
+    )
+    return {"stop": stop_btn}
+
+
+def startup_steps(build_schemes: str = "auto") -> list[Step]:
+    """What to get ready in the background: the default model on CPU, and on a GPU machine the quantized
+    checkpoints (through the shared quantizer) and the GPU engine. ``build_schemes``: 'auto', 'none' or a
+    comma list of schemes to build."""
+    steps = [
+        Step(
+            f"loading {DEFAULT_MODEL} on CPU (bf16; the first start converts the embedded model, ~30 s)",
+            partial(service.engine, "cpu", DEFAULT_MODEL, "bf16"),
+            ("cpu", "bf16"),
+        )
+    ]
+    if not backend_availability("gpu")[0]:
+        return steps
+    gpu_schemes = backend_schemes("gpu")
+    wanted = [s for s in gpu_schemes if s != "bf16"] if build_schemes == "auto" else []
+    if build_schemes not in ("auto", "none"):
+        wanted = [s.strip() for s in build_schemes.split(",") if s.strip() in gpu_schemes and s.strip() != "bf16"]
+    for scheme in wanted:
+        label = f"building the {scheme} checkpoint of {DEFAULT_MODEL}"
+        steps.append(Step(label, partial(build, scheme), ("gpu", scheme)))
+    preferred = next((s for s in ("w8a8-fp8", "w8a8-int8") if s in wanted), "bf16")
+    steps.append(
+        Step(
+            f"loading {DEFAULT_MODEL} on GPU ({preferred})",
+            partial(service.engine, "gpu", DEFAULT_MODEL, preferred),
+            ("gpu", preferred),
+        )
+    )
+    return steps
+
+
+def build(scheme: str):
+    import quant  # the shared pipeline: calibration + SmoothQuant + checkpoint, cached on disk
+
+    return quant.build(DEFAULT_MODEL, scheme)
+
+
+def create_app(preload: bool = True, build_schemes: str = "auto"):
+    """The server: the OpenAI-compatible API under /v1, /healthz, and the Gradio page at /."""
+    from fastapi import FastAPI
+
+    from openai_api import create_router
+
+    api = FastAPI(title="q8chat", docs_url=None, redoc_url=None, openapi_url=None)
+    api.include_router(create_router(service, warmup))
+
+    @api.get("/healthz")
+    def healthz() -> dict:
+        status = warmup.status()
+        return {"status": "ok", "ready": status["state"] == "ready", "startup": status}
+
+    if preload:
+        warmup.start(startup_steps(build_schemes))
+    demo = build_ui().queue()
+    return gr.mount_gradio_app(api, demo, path="/", theme=gr.themes.Soft(), ssr_mode=False, footer_links=["api"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,13 +475,36 @@ def main(argv: list[str] | None = None) -> None:
         help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the page to the network)",
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--no-preload", action="store_true", help="do not load the default model before serving")
+    parser.add_argument("--no-preload", action="store_true", help="load models on the first request, not at start")
+    parser.add_argument(
+        "--build-schemes",
+        default=os.environ.get("Q8CHAT_BUILD_SCHEMES", "auto"),
+        help="quantized checkpoints to build at start on a GPU machine: auto (all the GPU runs), none, or a list",
+    )
+    parser.add_argument(
+        "--remote-url",
+        default=os.environ.get("Q8CHAT_REMOTE_URL"),
+        help="an OpenAI-compatible server to offer as the 'remote' backend, e.g. http://127.0.0.1:8000/v1",
+    )
+    parser.add_argument("--remote-model", default=os.environ.get("Q8CHAT_REMOTE_MODEL"), help="its model name")
+    parser.add_argument(
+        "--remote-api-key-env",
+        default=os.environ.get("Q8CHAT_REMOTE_API_KEY_ENV", "Q8CHAT_REMOTE_API_KEY"),
+        help="name of the environment variable holding its API key (the key never goes on the command line)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.no_preload:
-        log.info("loading %s on CPU (first start converts the embedded model, ~30 s)", DEFAULT_MODEL)
-        service.engine("cpu", DEFAULT_MODEL, "bf16")
-    build_ui().queue().launch(server_name=args.host, server_port=args.port, theme=gr.themes.Soft())
+    from remote_backend.engine import configure
+
+    try:
+        configure(args.remote_url, args.remote_model, args.remote_api_key_env)
+    except ValueError as e:
+        parser.error(str(e))
+    import uvicorn
+
+    app = create_app(preload=not args.no_preload, build_schemes=args.build_schemes)
+    log.info("q8chat on http://%s:%d/ (OpenAI-compatible API under /v1)", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

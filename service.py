@@ -16,7 +16,7 @@ from models.registry import DEFAULT_MODEL
 
 log = logging.getLogger("q8chat")
 
-BACKENDS = ("cpu", "gpu")
+BACKENDS = ("cpu", "gpu", "remote")
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -28,6 +28,10 @@ def backend_class(name: str) -> type[Backend]:
         from gpu_backend.engine import GPUEngine
 
         return GPUEngine
+    if name == "remote":
+        from remote_backend.engine import RemoteEngine
+
+        return RemoteEngine
     raise RequestError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 

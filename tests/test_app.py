@@ -1,11 +1,7 @@
 """The Gradio page's handlers in-process, and the real server through gradio_client."""
 
-import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +9,7 @@ import pytest
 import torch
 
 import app
+from tests import appserver
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = dict(
@@ -124,40 +121,11 @@ def test_chat_api_returns_plain_answer_text(cpu_engine):
     assert "Paris" in answer and "TTFT" not in answer
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(embedded_folder):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("app did not start in 180 s")
-    yield url, port
-    proc.terminate()
-    proc.wait(timeout=30)
+    """The real server (python app.py), once its start-up (model load) is done."""
+    srv = appserver.shared()
+    yield srv.url, srv.port
 
 
 def test_server_answers_through_gradio_client(server):

@@ -1,0 +1,113 @@
+"""Start-up warm-up: the page is served at once while models load and quantized checkpoints build in a
+background thread; the page and the API show the progress and refuse chats that would need what is not
+ready yet, instead of a frozen page or a request that hangs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from models.backend import RequestError
+
+log = logging.getLogger("q8chat")
+
+
+class NotReadyError(RequestError):
+    """The model a request needs is still loading (HTTP 503 on the API)."""
+
+
+@dataclass
+class Step:
+    label: str  # what a person reads: "loading smollm2-135m on CPU"
+    run: Callable[[], object]
+    blocks: tuple[str, str] | None = None  # (backend, scheme) that cannot serve until this step is over
+
+
+class Warmup:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.steps: list[Step] = []
+        self.done = 0
+        self.current: Step | None = None
+        self.started_at: float | None = None
+        self.finished = True  # nothing planned: ready
+        self.failures: dict[str, str] = {}  # step label -> reason
+        self.blocked: dict[tuple[str, str], str] = {}  # (backend, scheme) -> label of the step it waits on
+        self.thread: threading.Thread | None = None
+
+    def start(self, steps: list[Step]) -> threading.Thread | None:
+        with self._lock:
+            self.steps, self.done, self.failures, self.finished = list(steps), 0, {}, not steps
+            self.blocked = {s.blocks: s.label for s in steps if s.blocks}
+            self.started_at = time.monotonic()
+        if not steps:
+            return None
+        self.thread = threading.Thread(target=self._run, name="q8chat-warmup", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def _run(self) -> None:
+        for step in self.steps:
+            with self._lock:
+                self.current = step
+            log.info("start-up: %s", step.label)
+            try:
+                step.run()
+            except Exception as e:  # noqa: BLE001 - recorded and shown; the rest of the start-up goes on
+                reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                log.exception("start-up step failed: %s", step.label)
+                with self._lock:
+                    self.failures[step.label] = reason
+            with self._lock:
+                if step.blocks:
+                    self.blocked.pop(step.blocks, None)
+            with self._lock:
+                self.done += 1
+        with self._lock:
+            self.current, self.finished = None, True
+        log.info("start-up finished (%d step(s), %d failed)", len(self.steps), len(self.failures))
+
+    @property
+    def percent(self) -> int:
+        return 100 if not self.steps else int(100 * self.done / len(self.steps))
+
+    def status(self) -> dict:
+        with self._lock:
+            current = self.current.label if self.current else None
+            elapsed = time.monotonic() - self.started_at if self.started_at else 0.0
+            return {
+                "state": "ready" if self.finished else "loading",
+                "progress": self.percent,
+                "step": current,
+                "steps_done": self.done,
+                "steps_total": len(self.steps),
+                "elapsed_s": round(elapsed, 1),
+                "failures": dict(self.failures),
+            }
+
+    def check(self, backend: str, scheme: str) -> None:
+        """Raise NotReadyError while (backend, scheme) waits on a start-up step. After a failed step requests go
+        through and meet the real error (the page also lists start-up failures)."""
+        with self._lock:
+            label = self.blocked.get((backend, scheme))
+            pct, current = self.percent, self.current.label if self.current else ""
+        if label is None:
+            return
+        raise NotReadyError(
+            f"the model is loading ({pct}%: {current}); {backend.upper()} {scheme} is ready in a moment, try again"
+        )
+
+    def markdown(self) -> str:
+        """One line for the page: what is loading, or which start-up steps failed."""
+        s = self.status()
+        if s["state"] == "loading":
+            return (
+                f"⏳ **Loading ({s['progress']}%, step {s['steps_done'] + 1} of {s['steps_total']}):** "
+                f"{s['step']} — {s['elapsed_s']:.0f} s so far. Chats start when it is done."
+            )
+        if s["failures"]:
+            return "⚠️ " + "; ".join(f"{label} failed: {why}" for label, why in s["failures"].items())
+        return ""
