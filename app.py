@@ -176,8 +176,12 @@ COMPARE_COLUMNS = [
 METRICS = (("ttft_ms", "Time to first token (ms)"), ("tpot_ms", "ms per output token"), ("tokens_per_s", "tokens/s"))
 
 
+NUMERIC = {"run": "int64", "prompt_tokens": "int64", "generated_tokens": "int64"} | {k: "float64" for k, _ in METRICS}
+
+
 def compare_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
+    """Numeric columns typed as numbers even when empty, so the plots draw bars and lines, not categories."""
+    return pd.DataFrame(rows, columns=COMPARE_COLUMNS).astype(NUMERIC)
 
 
 def compare_csv(rows: list[dict], session: str) -> str:
@@ -192,9 +196,9 @@ def compare_csv(rows: list[dict], session: str) -> str:
     return str(path)
 
 
-def compare_header(name: str) -> str:
+def compare_note(name: str) -> str:
     ok, reason = backend_availability(name)
-    return f"#### {name.upper()}" + ("" if ok else f"\n**unavailable:** {reason}")
+    return "" if ok else f"**{name.upper()} unavailable:** {reason}"
 
 
 def compare(prompt, chosen, model, system, max_new, schemes, rows, request: gr.Request):
@@ -226,13 +230,11 @@ def compare(prompt, chosen, model, system, max_new, schemes, rows, request: gr.R
     cancel = cancel_events[session] = threading.Event()
     try:
         for name in BACKENDS:
+            if not backend_availability(name)[0]:
+                answers[name] = compare_note(name)
+                continue
             if name not in chosen:
                 answers[name] = "*not selected*"
-                continue
-            ok, reason = backend_availability(name)
-            if not ok:
-                answers[name] = f"**{name.upper()} unavailable:** {reason}"
-                yield out()
                 continue
             scheme = schemes.get(name) or backend_schemes(name)[0]
             try:
@@ -354,8 +356,8 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox) -> dict:
     answers, scheme_boxes = [], []
     with gr.Row(equal_height=True):
         for name in BACKENDS:
-            with gr.Column():
-                gr.Markdown(compare_header(name))
+            with gr.Column(min_width=240):
+                gr.Markdown(f"#### {name.upper()}")
                 schemes = list(backend_schemes(name))
                 scheme_boxes.append(
                     gr.Dropdown(
@@ -366,7 +368,7 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox) -> dict:
                         elem_id=f"compare-scheme-{name}",
                     )
                 )
-                answers.append(gr.Markdown(elem_id=f"compare-answer-{name}", min_height=120))
+                answers.append(gr.Markdown(compare_note(name), elem_id=f"compare-answer-{name}", min_height=120))
     with gr.Row():
         bars = [
             gr.BarPlot(
