@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpu_backend import kernels
+
 
 class PackedBF16Linear(nn.Module):
     """BF16 linear on oneDNN with the weight reordered to its blocked layout at load.
@@ -39,3 +41,112 @@ class PackedBF16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """W8A16: per-channel INT8 weights, BF16 activations.
+
+    Decode (few rows) runs ``_weight_int8pack_mm`` (AVX-512, reads int8 weights); the per-channel
+    scale is applied afterwards in float32, because the kernel only takes BF16 scales and their
+    rounding (~0.4 %) would move us off the quantizer's reference numerics; the one difference left
+    is the kernel's BF16 rounding of the unscaled product. Prefill converts the weight once per
+    call and runs a float32 GEMM, bit-exact with the reference.
+    """
+
+    DECODE_ROWS = 16
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1), persistent=False)
+        self.register_buffer("ones", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if x2.shape[0] <= self.DECODE_ROWS:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.ones).float()
+        else:  # float32 GEMM: exactly the reference's accumulation
+            y = torch.nn.functional.linear(x2.float(), self.weight.float())
+        y = y * self.weight_scale.t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(torch.bfloat16).reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """W8A8 INT8: per-token dynamic (or static per-tensor) INT8 activations x per-channel INT8 weights.
+
+    Activations are quantized by our C++ kernel (bit-exact with quant/reference.py). Where one
+    activation scale covers the whole input (a decode step, or static scales) the GEMM is oneDNN's
+    prepacked u8 x s8 kernel with dequantization and bias fused into a BF16 output; u8 (x + 128)
+    because oneDNN falls back to a reference kernel for s8 inputs at small N. Prefill with per-token
+    scales uses ``torch._int_mm`` (exact int32) and dequantizes with row x column scales.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        input_scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1), persistent=False)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features]))
+        self.register_buffer("w_scale", self.weight_scale.reshape(-1), persistent=False)
+        self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
+        self.register_buffer("x_zero", torch.tensor(128, dtype=torch.int32), persistent=False)
+
+    def _onednn(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise.tensor(
+            q, scale, self.x_zero, self.packed, self.w_scale, self.w_zero, self.bias,
+            1.0, 0, torch.bfloat16, "none", [], "",
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            q = kernels.quantize_per_tensor(x2, float(self.input_scale), 128)
+            y = self._onednn(q, self.input_scale)
+        elif x2.shape[0] == 1:
+            q, scale = kernels.quantize_per_token(x2, 128)
+            y = self._onednn(q, scale.reshape(()))
+        else:
+            q, scale = kernels.quantize_per_token(x2, 0)
+            y = torch._int_mm(q, self.weight.t()).float() * scale * self.weight_scale.t()
+            if self.bias is not None:
+                y = y + self.bias
+            y = y.to(torch.bfloat16)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def fuse_int8(linears: list[nn.Module]) -> nn.Module | None:
+    """Stack INT8 linears that read the same input into one (None when they cannot share a kernel)."""
+    kinds = {type(m) for m in linears}
+    if len(kinds) != 1 or kinds.pop() not in (Int8Linear, Int8WeightOnlyLinear):
+        return None
+    cls = type(linears[0])
+    weight = torch.cat([m.weight for m in linears])
+    scale = torch.cat([m.weight_scale for m in linears])
+    biases = [m.bias for m in linears]
+    bias = (
+        None
+        if all(b is None for b in biases)
+        else torch.cat(
+            [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, linears, strict=True)]
+        )
+    )
+    if cls is Int8WeightOnlyLinear:
+        return cls(weight, scale, bias)
+    scales = {None if m.input_scale is None else float(m.input_scale) for m in linears}
+    if len(scales) != 1:  # static scales that differ cannot share one activation quantization
+        return None
+    return cls(weight, scale, linears[0].input_scale, bias)

@@ -198,14 +198,19 @@ class Decoder(nn.Module):
     def fuse_projections(self, fuse: Callable[[list[nn.Module]], nn.Module]) -> None:
         """Replace q/k/v and gate/up by one module each (they read the same input): fewer, larger GEMMs.
 
-        ``fuse`` receives the source projections in output order and returns the fused module; the
-        sources are removed. Backends call this after loading (plain or quantized linears).
+        ``fuse`` receives the source projections in output order and returns the fused module, or
+        None when they cannot be fused (they then stay separate). Backends call this after loading.
         """
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            mlp.gate_up_proj = fuse([mlp.gate_proj, mlp.up_proj])
-            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+            qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            if qkv is not None:
+                attn.qkv_proj = qkv
+                del attn.q_proj, attn.k_proj, attn.v_proj
+            gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+            if gate_up is not None:
+                mlp.gate_up_proj = gate_up
+                del mlp.gate_proj, mlp.up_proj
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         max_len = min(max_len, self.config.max_position_embeddings)

@@ -1,0 +1,146 @@
+"""CPU INT8 kernels and engine against the quantizer's reference numerics (quant/reference.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpu_backend import kernels
+from cpu_backend.engine import CPUEngine, load_int8
+from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, fuse_int8
+from models.backend import RequestError, SamplingParams
+from models.chat import build_prompt
+from quant.checkpoint import load_checkpoint
+from quant.reference import QuantLinearRef, quantize_per_token_int8, quantize_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def activations(m, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)[torch.randperm(k, generator=g)]
+    x[0, :7] = 0.0  # ties and zeros exercise rounding
+    return x.bfloat16()
+
+
+def test_per_token_quantization_is_bit_exact_with_the_reference():
+    x = activations(33, 576)
+    x[5] = 0.0  # an all-zero row must not divide by zero
+    ref_q, ref_s = quantize_per_token_int8(x)
+    q, s = kernels.quantize_per_token(x, 0)
+    assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
+    qu, su = kernels.quantize_per_token(x, 128)
+    assert qu.dtype == torch.uint8 and torch.equal(qu.int() - 128, ref_q.int()) and torch.equal(su, ref_s)
+
+
+def test_per_tensor_quantization_is_bit_exact_with_the_reference():
+    x = activations(9, 320)
+    scale = torch.tensor(0.021)
+    ref = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(kernels.quantize_per_tensor(x, float(scale), 0), ref)
+    assert torch.equal(kernels.quantize_per_tensor(x, float(scale), 128).int() - 128, ref.int())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("n", [192, 1536])  # 192: the small-N shape where oneDNN's s8 path is a reference kernel
+def test_w8a8_linear_matches_reference(rows, static, n):
+    k = 576
+    w, ws = quantize_weight(torch.randn(n, k), "int")
+    bias = torch.randn(n)
+    xs = torch.tensor([0.03]) if static else None
+    x = activations(rows, k, seed=rows)
+    expected = QuantLinearRef(w, ws, "int", xs, bias)(x)
+    got = Int8Linear(w, ws, xs, bias)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_w8a16_linear_matches_reference(rows):
+    w, ws = quantize_weight(torch.randn(960, 576), "int")
+    x = activations(rows, 576)
+    expected = QuantLinearRef(w, ws, None)(x).float()
+    got = Int8WeightOnlyLinear(w, ws)(x).float()
+    if rows > Int8WeightOnlyLinear.DECODE_ROWS:
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    else:  # the AVX-512 kernel rounds the unscaled product to BF16 before our float32 scale
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=8e-3)
+
+
+def test_fused_projections_equal_separate_ones():
+    x = activations(3, 64)
+    parts = [Int8Linear(*quantize_weight(torch.randn(n, 64), "int")) for n in (64, 32, 32)]
+    fused = fuse_int8(parts)
+    assert fused.out_features == 128
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], -1), atol=0, rtol=0)
+    static = [Int8Linear(*quantize_weight(torch.randn(8, 64), "int"), torch.tensor([s])) for s in (0.1, 0.2)]
+    assert fuse_int8(static) is None  # different calibrated scales cannot share one quantization
+
+
+@pytest.fixture(scope="module")
+def checkpoints(embedded_folder, tmp_path_factory):
+    import quant
+
+    out = tmp_path_factory.mktemp("ckpt")
+    small = dict(samples=4, seq_len=128, search_samples=2, search_tokens=256)
+    return {
+        "w8a8-int8": quant.build("smollm2-135m", "w8a8-int8", alpha=0.5, out=out / "sq", **small),
+        "w8a16-int8": quant.build("smollm2-135m", "w8a16-int8", out=out / "wo", **small),
+    }
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "w8a16-int8"])
+def test_engine_logits_match_reference_decoder(checkpoints, scheme):
+    from quant.reference import reference_decoder
+
+    ours = load_int8(checkpoints[scheme], scheme)
+    ref = reference_decoder(load_checkpoint(checkpoints[scheme]), dtype=torch.bfloat16)
+    ids = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        c1, c2 = ours.new_cache(1, 32), ref.new_cache(1, 32)
+        a = torch.cat([ours(ids[:, :20], c1, 0)] + [ours(ids[:, i : i + 1], c1, i) for i in range(20, 24)], 1)
+        b = torch.cat([ref(ids[:, :20], c2, 0)] + [ref(ids[:, i : i + 1], c2, i) for i in range(20, 24)], 1)
+    if scheme == "w8a8-int8":
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # bit-exact, prefill and decode
+    else:
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+        torch.testing.assert_close(a[:, :20], b[:, :20], atol=0, rtol=0)  # prefill is exact
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "w8a16-int8"])
+def test_engine_answers_on_int8(checkpoints, scheme):
+    engine = CPUEngine("smollm2-135m", scheme, checkpoint=checkpoints[scheme])
+    ids = build_prompt(engine.tokenizer, "What is the capital of France?").ids
+    events = list(engine.generate(ids, SamplingParams(max_new_tokens=32)))
+    assert "Paris" in "".join(e.text for e in events)
+
+
+def test_fp8_is_refused_on_cpu_with_the_reason():
+    with pytest.raises(RequestError, match="FP8 has no CPU kernels"):
+        CPUEngine("smollm2-135m", "w8a8-fp8")
+
+
+def test_wrong_checkpoint_for_the_scheme_is_refused(checkpoints):
+    with pytest.raises(RequestError, match="not w8a16-int8"):
+        CPUEngine("smollm2-135m", "w8a16-int8", checkpoint=checkpoints["w8a8-int8"])
+
+
+def test_onednn_runs_a_jit_int8_kernel_not_the_reference_one():
+    code = (
+        "import torch\n"
+        "from cpu_backend.linear import Int8Linear\n"
+        "from quant.reference import quantize_weight\n"
+        "m = Int8Linear(*quantize_weight(torch.randn(192, 576), 'int'))\n"
+        "m(torch.randn(1, 576).bfloat16())\n"
+    )
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    execs = [line.split(",") for line in out.stdout.splitlines() if ",exec,cpu,matmul," in line]
+    assert execs, out.stdout[-2000:]
+    impl = execs[-1][6]
+    assert "ref" not in impl and ("amx" in impl or "vnni" in impl), impl
+    assert execs[-1][9].startswith("src:u8") and "dst:bf16" in execs[-1][9]
