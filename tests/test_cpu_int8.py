@@ -143,4 +143,4 @@ def test_onednn_runs_a_jit_int8_kernel_not_the_reference_one():
     assert execs, out.stdout[-2000:]
     impl = execs[-1][6]
     assert "ref" not in impl and ("amx" in impl or "vnni" in impl), impl
-    assert execs[-1][9].startswith("src:u8") and "dst:bf16" in execs[-1][9]
+    assert execs[-1][8].startswith("src:u8") and "dst:bf16" in execs[-1][8]
