@@ -27,12 +27,34 @@ from gpu_backend.kernels.gemm import gemm, scaled_mm  # noqa: E402
 from gpu_backend.weights import build_decoder, quantize_weight  # noqa: E402
 from models.config import DecoderConfig  # noqa: E402
 
-LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                 num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                 max_position_embeddings=8192, tie_word_embeddings=False)
-SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-               num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-               max_position_embeddings=8192, tie_word_embeddings=True)
+LLAMA3_8B = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
+SMOLLM2 = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+)
 SCHEMES = [("bf16", "bf16"), ("w8a8-fp8", "fp8"), ("w8a8-int8", "fp8"), ("w8a16-int8", "fp8")]
 BATCHES = (1, 8, 32, 64)
 CTX = 1024  # decode steps are timed at this context length (the TTFT prompt length)
@@ -68,21 +90,30 @@ def random_state(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def rnd(*shape):
-        return (torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02)
+        return torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
 
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    st = {"model.embed_tokens.weight": rnd(cfg.vocab_size, h), "model.norm.weight": torch.ones(h, device="cuda",
-                                                                                             dtype=torch.bfloat16)}
+    st = {
+        "model.embed_tokens.weight": rnd(cfg.vocab_size, h),
+        "model.norm.weight": torch.ones(h, device="cuda", dtype=torch.bfloat16),
+    }
     if not cfg.tie_word_embeddings:
         st["lm_head.weight"] = rnd(cfg.vocab_size, h)
     for n in range(cfg.num_layers):
         p = f"model.layers.{n}."
-        st.update({p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-                   p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
-                   p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
-                   p + "mlp.down_proj.weight": rnd(h, i),
-                   p + "input_layernorm.weight": torch.ones(h, device="cuda", dtype=torch.bfloat16),
-                   p + "post_attention_layernorm.weight": torch.ones(h, device="cuda", dtype=torch.bfloat16)})
+        st.update(
+            {
+                p + "self_attn.q_proj.weight": rnd(q, h),
+                p + "self_attn.k_proj.weight": rnd(kv, h),
+                p + "self_attn.v_proj.weight": rnd(kv, h),
+                p + "self_attn.o_proj.weight": rnd(h, q),
+                p + "mlp.gate_proj.weight": rnd(i, h),
+                p + "mlp.up_proj.weight": rnd(i, h),
+                p + "mlp.down_proj.weight": rnd(h, i),
+                p + "input_layernorm.weight": torch.ones(h, device="cuda", dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(h, device="cuda", dtype=torch.bfloat16),
+            }
+        )
     return st
 
 
@@ -109,10 +140,16 @@ def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
         run_steps()
         ms = events_ms(run_steps, 5) / STEPS
         nbytes = dec.weight_bytes() + dec.kv_bytes_read(b, CTX + STEPS // 2)
-        row["decode"][b] = {"tpot_ms": ms, "tok_per_s": b * 1000 / ms, "bytes_GB": nbytes / 1e9,
-                            "mbu": nbytes / (ms * 1e-3) / (bw * 1e9)}
-        log(f"  {scheme:11s} kv={kv:4s} B={b:3d} TPOT {ms:7.3f} ms  {b * 1000 / ms:9.0f} tok/s  "
-            f"MBU {row['decode'][b]['mbu']:.2f}")
+        row["decode"][b] = {
+            "tpot_ms": ms,
+            "tok_per_s": b * 1000 / ms,
+            "bytes_GB": nbytes / 1e9,
+            "mbu": nbytes / (ms * 1e-3) / (bw * 1e9),
+        }
+        log(
+            f"  {scheme:11s} kv={kv:4s} B={b:3d} TPOT {ms:7.3f} ms  {b * 1000 / ms:9.0f} tok/s  "
+            f"MBU {row['decode'][b]['mbu']:.2f}"
+        )
     prompt = torch.randint(0, cfg.vocab_size, (1, ttft_tokens), device="cuda")
     for _ in range(2):  # tunes the large-M tiles
         dec.prefill(prompt).argmax(-1).item()
@@ -130,12 +167,19 @@ def bench_peer(state, cfg_dict, bw, prompt_len: int, new_tokens: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = cfg_dict
-    hf_cfg = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-                         intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
-                         num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
-                         head_dim=c["head_dim"], rms_norm_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"],
-                         max_position_embeddings=c["max_position_embeddings"],
-                         tie_word_embeddings=c["tie_word_embeddings"])
+    hf_cfg = LlamaConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_layers"],
+        num_attention_heads=c["num_heads"],
+        num_key_value_heads=c["num_kv_heads"],
+        head_dim=c["head_dim"],
+        rms_norm_eps=c["rms_norm_eps"],
+        rope_theta=c["rope_theta"],
+        max_position_embeddings=c["max_position_embeddings"],
+        tie_word_embeddings=c["tie_word_embeddings"],
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(hf_cfg)
     model.load_state_dict(state, strict=False, assign=True)  # shares our random tensors
@@ -172,10 +216,18 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
-    res = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-           "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "command": " ".join(["python"] + sys.argv),
-           "copy_bandwidth_GBps": bw, "ctx": CTX, "models": {}}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["python"] + sys.argv),
+        "copy_bandwidth_GBps": bw,
+        "ctx": CTX,
+        "models": {},
+    }
     log(f"{res['device']} sm{res['capability']} copy bandwidth {bw:.0f} GB/s")
     res["kernels"] = kernel_table(bw)
     models = [("smollm2-135m-shape", SMOLLM2)] + ([] if args.quick else [("llama3-8b-shape", LLAMA3_8B)])
@@ -204,6 +256,11 @@ def main() -> None:
         torch.cuda.empty_cache()
         (out / "gpu_latency.json").write_text(json.dumps(res, indent=1))
     (out / "gpu_latency.md").write_text(markdown(res))
+    from gpu_backend.kernels import gemm as gemm_mod
+
+    # the tiles this run used (tuned or from the table): copy to gpu_backend/kernels/tiles.json to fix them
+    tiles = {res["device"]: {k: list(v) for k, v in sorted(gemm_mod.tune_cache.items())}}
+    (out / "gpu_tiles.json").write_text(json.dumps(tiles, indent=0))
     log(markdown(res))
 
 
@@ -229,44 +286,76 @@ def kernel_table(bw: float) -> list[dict]:
             for name, (fn, wbytes) in cand.items():
                 fn()
                 t = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-                rows.append({"n": n, "k": k, "m": m, "kernel": name, "us": t * 1000,
-                             "weight_GBps": n * k * wbytes / (t * 1e-3) / 1e9,
-                             "TFLOPs": 2 * m * n * k / (t * 1e-3) / 1e12})
-            log(f"  gemm N={n:5d} K={k:5d} M={m:4d} " + "  ".join(
-                f"{r['kernel']} {r['us']:.1f}us" for r in rows[-len(cand):]))
+                rows.append(
+                    {
+                        "n": n,
+                        "k": k,
+                        "m": m,
+                        "kernel": name,
+                        "us": t * 1000,
+                        "weight_GBps": n * k * wbytes / (t * 1e-3) / 1e9,
+                        "TFLOPs": 2 * m * n * k / (t * 1e-3) / 1e12,
+                    }
+                )
+            log(
+                f"  gemm N={n:5d} K={k:5d} M={m:4d} "
+                + "  ".join(f"{r['kernel']} {r['us']:.1f}us" for r in rows[-len(cand) :])
+            )
     return rows
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# GPU latency — {res['device']} (sm{res['capability'][0]}{res['capability'][1]}, {res['sms']} SMs)", "",
-             f"torch {res['torch']}, triton {res['triton']}; measured copy bandwidth "
-             f"{res['copy_bandwidth_GBps']:.0f} GB/s (read+write). Command: `{res['command']}`.",
-             f"Random weights; decode timed at context {res['ctx']} (CUDA-graph replays, greedy token fed back on "
-             "device); MBU = (weight + KV bytes per step) / step time / copy bandwidth.", ""]
+    lines = [
+        f"# GPU latency — {res['device']} (sm{res['capability'][0]}{res['capability'][1]}, {res['sms']} SMs)",
+        "",
+        f"torch {res['torch']}, triton {res['triton']}; measured copy bandwidth "
+        f"{res['copy_bandwidth_GBps']:.0f} GB/s (read+write). Command: `{res['command']}`.",
+        f"Random weights; decode timed at context {res['ctx']} (CUDA-graph replays, greedy token fed back on "
+        "device); MBU = (weight + KV bytes per step) / step time / copy bandwidth.",
+        "",
+    ]
     for name, entry in res["models"].items():
-        lines += [f"## {name}", "", "| scheme | KV | weights GB | TPOT b1 ms | b8 | b32 | b64 | tok/s b64 | "
-                  "MBU b1 | TTFT 1024 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {name}",
+            "",
+            "| scheme | KV | weights GB | TPOT b1 ms | b8 | b32 | b64 | tok/s b64 | MBU b1 | TTFT 1024 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in entry["rows"]:
             d = r["decode"]
-            lines.append(f"| {r['scheme']} | {r['kv_cache']} | {r['weight_GB']:.2f} | " + " | ".join(
-                f"{d[b]['tpot_ms']:.3f}" for b in BATCHES) + f" | {d[64]['tok_per_s']:.0f} | {d[1]['mbu']:.2f} | "
-                f"{r['ttft_ms']:.1f} |")
+            lines.append(
+                f"| {r['scheme']} | {r['kv_cache']} | {r['weight_GB']:.2f} | "
+                + " | ".join(f"{d[b]['tpot_ms']:.3f}" for b in BATCHES)
+                + f" | {d[64]['tok_per_s']:.0f} | {d[1]['mbu']:.2f} | "
+                f"{r['ttft_ms']:.1f} |"
+            )
         peer = entry.get("peer")
         if peer:
-            lines += ["", f"Peer: transformers {peer.get('transformers', '?')} `generate`, BF16, static cache, "
-                      f"batch 1: " + (f"TPOT {peer['tpot_ms']:.2f} ms" if "tpot_ms" in peer else peer["error"])]
+            lines += [
+                "",
+                f"Peer: transformers {peer.get('transformers', '?')} `generate`, BF16, static cache, "
+                f"batch 1: " + (f"TPOT {peer['tpot_ms']:.2f} ms" if "tpot_ms" in peer else peer["error"]),
+            ]
         rows = {r["scheme"]: r for r in entry["rows"]}
         if {"bf16", "w8a8-fp8", "w8a8-int8"} <= rows.keys():
             b = rows["bf16"]
-            g = [("FP8 b1 speed-up vs BF16 (goal 1.75)", b["decode"][1]["tpot_ms"] / rows["w8a8-fp8"]["decode"][1]
-                  ["tpot_ms"]),
-                 ("INT8-SQ b1 speed-up vs BF16 (goal 1.7)", b["decode"][1]["tpot_ms"] / rows["w8a8-int8"]["decode"][1]
-                  ["tpot_ms"]),
-                 ("BF16 b1 MBU (goal 0.80)", b["decode"][1]["mbu"]),
-                 ("FP8 b1 MBU", rows["w8a8-fp8"]["decode"][1]["mbu"]),
-                 ("TTFT BF16 / FP8 (goal 1.45)", b["ttft_ms"] / rows["w8a8-fp8"]["ttft_ms"]),
-                 ("FP8 tok/s b64 / BF16 tok/s b32 (goal 2.2)", rows["w8a8-fp8"]["decode"][64]["tok_per_s"] /
-                  b["decode"][32]["tok_per_s"])]
+            g = [
+                (
+                    "FP8 b1 speed-up vs BF16 (goal 1.75)",
+                    b["decode"][1]["tpot_ms"] / rows["w8a8-fp8"]["decode"][1]["tpot_ms"],
+                ),
+                (
+                    "INT8-SQ b1 speed-up vs BF16 (goal 1.7)",
+                    b["decode"][1]["tpot_ms"] / rows["w8a8-int8"]["decode"][1]["tpot_ms"],
+                ),
+                ("BF16 b1 MBU (goal 0.80)", b["decode"][1]["mbu"]),
+                ("FP8 b1 MBU", rows["w8a8-fp8"]["decode"][1]["mbu"]),
+                ("TTFT BF16 / FP8 (goal 1.45)", b["ttft_ms"] / rows["w8a8-fp8"]["ttft_ms"]),
+                (
+                    "FP8 tok/s b64 / BF16 tok/s b32 (goal 2.2)",
+                    rows["w8a8-fp8"]["decode"][64]["tok_per_s"] / b["decode"][32]["tok_per_s"],
+                ),
+            ]
             if peer and "tpot_ms" in peer:
                 g.append(("peer TPOT / our BF16 TPOT (goal 1.5)", peer["tpot_ms"] / b["decode"][1]["tpot_ms"]))
             lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in g]

@@ -53,8 +53,10 @@ def availability() -> tuple[bool, str]:
     cap = torch.cuda.get_device_capability()
     name = torch.cuda.get_device_name()
     if not schemes_for(cap):
-        return False, (f"{name} has compute capability {cap[0]}.{cap[1]}; the GPU backend needs 8.0 (A100: INT8) "
-                       "or 8.9+ (L40S, H100, H200: FP8 and INT8)")
+        return False, (
+            f"{name} has compute capability {cap[0]}.{cap[1]}; the GPU backend needs 8.0 (A100: INT8) "
+            "or 8.9+ (L40S, H100, H200: FP8 and INT8)"
+        )
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -10,7 +10,7 @@ import torch
 
 from gpu_backend import availability, kv_options_for, schemes_for
 from gpu_backend.model import GPUDecoder
-from gpu_backend.weights import build_decoder, canonical_scheme, load_quantized_linears
+from gpu_backend.weights import build_decoder, build_from_checkpoint, canonical_scheme, load_quantized_linears
 from models.backend import Backend, RequestError, SamplingParams, TokenEvent
 from models.chat import load_tokenizer
 from models.config import DecoderConfig
@@ -20,17 +20,22 @@ from models.registry import resolve
 MAX_CONTEXT = 8192
 
 
-def checkpoint_folder(model: str, scheme: str) -> Path:
-    """The folder to load: quant's checkpoint for 8-bit schemes when quant offers one, else the BF16 model
-    (whose linears are then quantized round-to-nearest at load)."""
-    if scheme != "bf16":
-        try:
-            from quant import build  # the shared pipeline (calibration, SmoothQuant) when it is installed
-        except ImportError:
-            pass
-        else:
-            return Path(build(model, scheme))
-    return resolve(model)
+def load_for_gpu(model: str, scheme: str, kv_cache: str | None, device: str = "cuda") -> tuple[GPUDecoder, Path]:
+    """The GPU decoder for (model, scheme): the same ``quant.build`` checkpoint the CPU backend loads (cached,
+    validated by ``quant.checkpoint.load_checkpoint``); schemes quant does not make (w8a16-fp8) quantize the
+    BF16 model round-to-nearest at load."""
+    from quant import SCHEMES as QUANT_SCHEMES
+
+    if scheme in QUANT_SCHEMES:
+        from quant import build
+        from quant.checkpoint import load_checkpoint
+
+        folder = Path(build(model, scheme))
+        ckpt = load_checkpoint(folder, verify_hashes=False)  # build() has just validated it
+        return build_from_checkpoint(ckpt, kv_cache, device), folder
+    folder = resolve(model)
+    cfg = DecoderConfig.from_file(folder / "config.json")
+    return build_decoder(load_quantized_linears(folder), cfg, scheme, kv_cache or "bf16", device), folder
 
 
 class GraphGenerator(Generator):
@@ -58,30 +63,36 @@ class GraphGenerator(Generator):
 
 class GPUEngine(Backend):
     name = "gpu"
+    # quant's scheme names (the checkpoints the CPU backend loads too); what this GPU runs: supported_schemes()
+    SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8", "w8a8-fp8")
 
     def __init__(
-        self, model: str, scheme: str = "bf16", kv_cache: str = "bf16", max_context: int = MAX_CONTEXT
+        self, model: str, scheme: str = "bf16", kv_cache: str | None = None, max_context: int = MAX_CONTEXT
     ) -> None:
+        """kv_cache: None = the checkpoint's KV scheme (calibrated scales) or bf16; "bf16", "fp8" or "int8"."""
         ok, why = availability()
         if not ok:
             raise RequestError(f"the GPU backend is not available: {why}")
         cap = torch.cuda.get_device_capability()
         scheme = canonical_scheme(scheme)
         if scheme not in schemes_for(cap):
-            raise RequestError(f"scheme {scheme!r} is not available on {torch.cuda.get_device_name()}; "
-                               f"choose one of {', '.join(schemes_for(cap))}")
-        if kv_cache not in kv_options_for(cap):
+            raise RequestError(
+                f"scheme {scheme!r} is not available on {torch.cuda.get_device_name()}; "
+                f"choose one of {', '.join(schemes_for(cap))}"
+            )
+        if kv_cache is not None and kv_cache not in kv_options_for(cap):
             options = ", ".join(kv_options_for(cap))
             raise RequestError(f"KV cache {kv_cache!r} is not available here; choose one of {options}")
-        self.model_spec, self._scheme, self.kv_cache = model, scheme, kv_cache
-        folder = checkpoint_folder(model, scheme)
-        base = resolve(model)
-        self.tokenizer = load_tokenizer(base)
-        cfg = DecoderConfig.from_file(folder / "config.json")
+        self.model_spec, self._scheme = model, scheme
         try:
-            decoder = build_decoder(load_quantized_linears(folder), cfg, scheme, kv_cache)
-        except ValueError as e:
+            decoder, folder = load_for_gpu(model, scheme, kv_cache)
+        except ValueError as e:  # CheckpointError and SchemeError are ValueErrors with a message that says what to do
             raise RequestError(str(e)) from e
+        self.kv_cache = {torch.bfloat16: "bf16", torch.int8: "int8"}.get(decoder.kv_dtype, "fp8")
+        if self.kv_cache not in kv_options_for(cap):
+            raise RequestError(f"the checkpoint's {self.kv_cache} KV cache is not available on this GPU")
+        self.tokenizer = load_tokenizer(folder)  # checkpoints carry the source tokenizer and chat template
+        cfg = decoder.cfg
         decoder.allocate(1, min(cfg.max_position_embeddings, max_context))
         decoder.decode_graph(1)  # capture now: before any prefill fills the cache
         eos = set(cfg.eos_token_ids)

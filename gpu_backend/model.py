@@ -45,22 +45,70 @@ class Linear:
         return self.weight.numel() * self.weight.element_size()
 
     @staticmethod
-    def fuse(parts: list[Linear]) -> Linear:
+    def fusible(parts: list[Linear]) -> bool:
+        """One GEMM computes exactly what the parts compute: same weight and activation types, and (static
+        activations) the same input scale, so that one quantized activation feeds them all."""
+        p0 = parts[0]
+        if any(
+            (p.scale is None) != (p0.scale is None)
+            or p.act_dtype != p0.act_dtype
+            or (p.bias is None) != (p0.bias is None)
+            or (p.scale is not None and p.weight.dtype != p0.weight.dtype)
+            for p in parts
+        ):
+            return False
+        if p0.input_scale is None:
+            return all(p.input_scale is None for p in parts)
+        return all(p.input_scale is not None and torch.equal(p.input_scale, p0.input_scale) for p in parts)
+
+    @staticmethod
+    def fuse(parts: list[Linear]) -> Linear | Split:
+        """One GEMM when ``fusible`` (per-channel weight scales concatenate exactly), else a ``Split``."""
+        if not Linear.fusible(parts):
+            return Split(parts)
+
         def cat(xs):
             return None if xs[0] is None else torch.cat(xs)
 
-        statics = [p.input_scale for p in parts]
-        # one activation feeds all parts: the largest static scale covers each part's range
-        input_scale = None if statics[0] is None else torch.stack([s.reshape(()) for s in statics]).max().reshape(1)
-        return Linear(cat([p.weight for p in parts]), cat([p.scale for p in parts]), input_scale,
-                      cat([p.bias for p in parts]), parts[0].act_dtype)
+        return Linear(
+            cat([p.weight for p in parts]),
+            cat([p.scale for p in parts]),
+            parts[0].input_scale,
+            cat([p.bias for p in parts]),
+            parts[0].act_dtype,
+        )
+
+
+class Split:
+    """Projections that read one input but cannot share a GEMM (e.g. some kept in BF16 by the quantizer, or
+    different static input scales): each quantizes the BF16 input its own way; outputs are concatenated."""
+
+    act_dtype = None  # the caller hands over the BF16 (normed) input
+    input_scale = None
+
+    def __init__(self, parts: list[Linear]) -> None:
+        self.parts = parts
+
+    def __call__(self, a: torch.Tensor, a_scale: torch.Tensor | None) -> torch.Tensor:
+        outs = []
+        for p in self.parts:
+            if p.act_dtype is None:
+                outs.append(p(a, None))
+            else:
+                q, qs = norm_quant(a, None, qdtype=p.act_dtype, static_scale=p.input_scale)
+                outs.append(p(q, qs))
+        return torch.cat([o.to(torch.bfloat16) for o in outs], dim=1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
 @dataclass
 class Layer:
-    qkv: Linear
+    qkv: Linear | Split
     o: Linear
-    gate_up: Linear
+    gate_up: Linear | Split
     down: Linear
     ln1: torch.Tensor
     ln2: torch.Tensor
@@ -69,9 +117,17 @@ class Layer:
 
 
 class GPUDecoder:
-    def __init__(self, cfg: DecoderConfig, embed: torch.Tensor, layers: list[Layer], norm: torch.Tensor,
-                 lm_head: torch.Tensor, act_dtype: torch.dtype | None, kv_dtype: torch.dtype = torch.bfloat16,
-                 attn_splits: int = 16) -> None:
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        embed: torch.Tensor,
+        layers: list[Layer],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        act_dtype: torch.dtype | None,
+        kv_dtype: torch.dtype = torch.bfloat16,
+        attn_splits: int = 16,
+    ) -> None:
         self.cfg, self.embed, self.layers, self.norm, self.lm_head = cfg, embed, layers, norm, lm_head
         self.act_dtype, self.kv_dtype, self.splits = act_dtype, kv_dtype, attn_splits
         self.device = embed.device
@@ -100,38 +156,55 @@ class GPUDecoder:
         return 2 * len(self.layers) * batch * c.num_kv_heads * seq * c.head_dim * self.k_cache[0].element_size()
 
     # -- forward ------------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, bsz: int, t: int,
-                seq_lens: torch.Tensor | None) -> torch.Tensor:
+    def _layers(
+        self, x: torch.Tensor, positions: torch.Tensor, bsz: int, t: int, seq_lens: torch.Tensor | None
+    ) -> torch.Tensor:
         """x [B*T, hidden] bf16 -> final normed hidden [B*T, hidden]. seq_lens given: decode (T = 1)."""
         c = self.cfg
         h_n, kv_n, d = c.num_heads, c.num_kv_heads, c.head_dim
-        act, eps = self.act_dtype, c.rms_norm_eps
+        eps = c.rms_norm_eps
         delta = None
         ws = decode_workspace(bsz, h_n, d, self.splits, x.device) if seq_lens is not None else None
         for i, lyr in enumerate(self.layers):
-            h, hs = norm_quant(x, lyr.ln1, eps, residual=delta, qdtype=act, static_scale=lyr.qkv.input_scale)
+            h, hs = norm_quant(
+                x, lyr.ln1, eps, residual=delta, qdtype=lyr.qkv.act_dtype, static_scale=lyr.qkv.input_scale
+            )
             qkv = lyr.qkv(h, hs)
             kc, vc = self.k_cache[i][:bsz], self.v_cache[i][:bsz]
             rope_and_cache(qkv, positions, self.cos, self.sin, kc, vc, lyr.k_scale, lyr.v_scale, h_n, kv_n, t)
             if seq_lens is not None:
-                attn = decode_attention(qkv, kc, vc, lyr.k_scale, lyr.v_scale, seq_lens, h_n,
-                                        splits=self.splits, workspace=ws)
+                attn = decode_attention(
+                    qkv, kc, vc, lyr.k_scale, lyr.v_scale, seq_lens, h_n, splits=self.splits, workspace=ws
+                )
             else:
-                attn = self._prefill_attention(qkv, bsz, t)
-            a, as_ = (attn, None) if act is None else norm_quant(attn, None, qdtype=act,
-                                                                  static_scale=lyr.o.input_scale)
+                attn = self._prefill_attention(qkv, bsz, t, kc, vc, lyr)
+            o_act = lyr.o.act_dtype
+            a, as_ = (
+                (attn, None) if o_act is None else norm_quant(attn, None, qdtype=o_act, static_scale=lyr.o.input_scale)
+            )
             o = lyr.o(a, as_)
-            h, hs = norm_quant(x, lyr.ln2, eps, residual=o, qdtype=act, static_scale=lyr.gate_up.input_scale)
+            h, hs = norm_quant(
+                x, lyr.ln2, eps, residual=o, qdtype=lyr.gate_up.act_dtype, static_scale=lyr.gate_up.input_scale
+            )
             gu = lyr.gate_up(h, hs)
-            m, ms = silu_mul_quant(gu, act, static_scale=lyr.down.input_scale)
+            m, ms = silu_mul_quant(gu, lyr.down.act_dtype, static_scale=lyr.down.input_scale)
             delta = lyr.down(m, ms)
         h, _ = norm_quant(x, self.norm, eps, residual=delta)
         return h
 
-    def _prefill_attention(self, qkv: torch.Tensor, bsz: int, t: int) -> torch.Tensor:
+    def _prefill_attention(
+        self, qkv: torch.Tensor, bsz: int, t: int, k_cache: torch.Tensor, v_cache: torch.Tensor, lyr: Layer
+    ) -> torch.Tensor:
         c = self.cfg
         h_n, kv_n, d = c.num_heads, c.num_kv_heads, c.head_dim
         q, k, v = qkv.view(bsz, t, h_n + 2 * kv_n, d).transpose(1, 2).split([h_n, kv_n, kv_n], dim=1)
+        q = q.to(torch.bfloat16)
+        if self.kv_dtype != torch.bfloat16:
+            # attend to what the 8-bit cache holds (as quant.reference's cache does): dequantized, in bf16
+            k = (k_cache[:, :, :t].float() * lyr.k_scale[None, :, None, None]).to(torch.bfloat16)
+            v = (v_cache[:, :, :t].float() * lyr.v_scale[None, :, None, None]).to(torch.bfloat16)
+        else:
+            k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
         if kv_n != h_n:  # expand for the flash kernel (prefill only; decode reads the cache per kv head)
             k, v = k.repeat_interleave(h_n // kv_n, dim=1), v.repeat_interleave(h_n // kv_n, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -141,14 +214,17 @@ class GPUDecoder:
         return F.linear(h_last, self.lm_head).float()
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (equal lengths, from position 0) -> last-token logits [B, vocab] float32."""
+    def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] (equal lengths, from position 0) -> last-token logits [B, vocab] float32
+        (every position's, [B, T, vocab], with ``all_logits``)."""
         bsz, t = tokens.shape
         if bsz > self.max_batch or t > self.max_len:
             raise ValueError(f"prefill of {bsz}x{t} exceeds the allocated cache ({self.max_batch}x{self.max_len})")
         positions = torch.arange(t, device=self.device, dtype=torch.int32).repeat(bsz)
         x = self.embed[tokens.reshape(-1)]
         h = self._layers(x, positions, bsz, t, None)
+        if all_logits:
+            return self.logits(h).view(bsz, t, -1)
         return self.logits(h.view(bsz, t, -1)[:, -1])
 
     # -- decode in CUDA graphs ----------------------------------------------------------------
@@ -204,3 +280,21 @@ class GPUDecoder:
         torch.add(positions, 1, out=buf["seq_lens"])
         graph.replay()
         return buf["logits"]
+
+
+class EvalView:
+    """The ``models.decoder.Decoder`` calls ``quant.evaluate.compare`` makes (``new_cache``, full-sequence
+    forward from position 0), answered by a GPUDecoder: the GPU numerics in the quantizer's own evaluation."""
+
+    def __init__(self, dec: GPUDecoder) -> None:
+        self.dec = dec
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        if batch > self.dec.max_batch or max_len > self.dec.max_len:
+            self.dec.allocate(max(batch, self.dec.max_batch), max(max_len, self.dec.max_len))
+
+    def __call__(self, tokens: torch.Tensor, cache: None, start: int, last_only: bool = False) -> torch.Tensor:
+        if start != 0:
+            raise ValueError("EvalView scores whole windows from position 0")
+        out = self.dec.prefill(tokens.to(self.dec.device), all_logits=not last_only)
+        return (out[:, None] if last_only else out).cpu()

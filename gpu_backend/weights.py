@@ -60,6 +60,21 @@ def quantize_weights(state: dict[str, torch.Tensor], cfg: DecoderConfig, dtype: 
     return state
 
 
+def build_from_checkpoint(ckpt, kv_cache: str | None = None, device: str | torch.device = "cuda") -> GPUDecoder:
+    """A ``quant.checkpoint.QuantizedCheckpoint`` (what ``quant.build`` writes and ``load_checkpoint`` validates)
+    -> GPUDecoder. ``kv_cache`` None: the checkpoint's KV scheme (its calibrated k/v scales), else bf16."""
+    have = ckpt.scheme.kv_cache
+    if kv_cache is None:
+        kv_cache = "bf16" if have == "none" else have
+    state = ckpt.tensors
+    qmax = {"int8": 127.0, "fp8": 448.0}
+    if have in qmax and kv_cache in qmax and kv_cache != have:  # scale = amax / qmax: re-derive for the other type
+        state = dict(state)
+        for k in [k for k in state if k.endswith(("self_attn.k_scale", "self_attn.v_scale"))]:
+            state[k] = state[k] * (qmax[have] / qmax[kv_cache])
+    return build_decoder(state, ckpt.config, ckpt.scheme.name, kv_cache, device)
+
+
 def _linear(state, name, act_dtype, device) -> Linear:
     w = state[name + ".weight"].to(device)
     scale = state.get(name + ".weight_scale")
@@ -68,9 +83,11 @@ def _linear(state, name, act_dtype, device) -> Linear:
         return Linear(w.to(torch.bfloat16), bias=None if bias is None else bias.to(device, torch.bfloat16))
     inp = state.get(name + ".input_scale")
     return Linear(
-        w, scale.to(device, torch.float32).reshape(-1),
+        w,
+        scale.to(device, torch.float32).reshape(-1),
         None if inp is None or act_dtype is None else inp.to(device, torch.float32).reshape(1),
-        None if bias is None else bias.to(device, torch.bfloat16), act_dtype,
+        None if bias is None else bias.to(device, torch.bfloat16),
+        act_dtype,
     )
 
 
@@ -80,44 +97,59 @@ def _kv_scale(state, name: str, n_kv: int, kv_dtype: torch.dtype, device) -> tor
         return torch.ones(n_kv, device=device)
     if s is None:
         if kv_dtype == torch.int8:
-            raise ValueError(f"an int8 KV cache needs calibrated scales ({name}); use kv_cache='fp8' or a checkpoint "
-                             "made with a KV scheme")
+            raise ValueError(
+                f"an int8 KV cache needs calibrated scales ({name}); use kv_cache='fp8' or a checkpoint "
+                "made with a KV scheme"
+            )
         return torch.ones(n_kv, device=device)  # e4m3 covers +-448: unit scale is the usual default
     return s.float().reshape(-1).expand(n_kv).contiguous().to(device)
 
 
-def build_decoder(state: dict[str, torch.Tensor], cfg: DecoderConfig, scheme: str, kv_cache: str = "bf16",
-                  device: str | torch.device = "cuda") -> GPUDecoder:
+def build_decoder(
+    state: dict[str, torch.Tensor],
+    cfg: DecoderConfig,
+    scheme: str,
+    kv_cache: str = "bf16",
+    device: str | torch.device = "cuda",
+) -> GPUDecoder:
     scheme = canonical_scheme(scheme)
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if kv_cache not in KV_DTYPES:
         raise ValueError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_DTYPES)}")
     w_dtype, act = SCHEMES[scheme]
-    first = state["model.layers.0.self_attn.q_proj.weight"]
-    if w_dtype is None and first.dtype in (torch.int8, FP8):
-        raise ValueError(f"the checkpoint holds {first.dtype} weights; it cannot run as {scheme}")
-    if w_dtype is not None and first.dtype not in (torch.int8, FP8):
+    # a quantized checkpoint: linears with a weight_scale are 8-bit, the others were kept in BF16 by the
+    # quantizer (manifest keep_bf16) and run as BF16 GEMMs
+    q_dtypes = {v.dtype for k, v in state.items() if k.endswith(".weight") and v.dtype in (torch.int8, FP8)}
+    if w_dtype is None and q_dtypes:
+        raise ValueError(f"the checkpoint holds {sorted(map(str, q_dtypes))} weights; it cannot run as {scheme}")
+    if w_dtype is not None and not q_dtypes:
         state = quantize_weights(dict(state), cfg, w_dtype)
-    elif w_dtype is not None and first.dtype != w_dtype:
-        raise ValueError(f"scheme {scheme} needs {w_dtype} weights but the checkpoint holds {first.dtype}")
+    elif w_dtype is not None and q_dtypes != {w_dtype}:
+        have = sorted(map(str, q_dtypes))
+        raise ValueError(f"scheme {scheme} needs {w_dtype} weights but the checkpoint holds {have}")
     kv_dtype = KV_DTYPES[kv_cache]
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         lin = {s: _linear(state, p + s, act, device) for s in LINEAR_SUFFIXES}
-        layers.append(Layer(
-            qkv=Linear.fuse([lin["self_attn.q_proj"], lin["self_attn.k_proj"], lin["self_attn.v_proj"]]),
-            o=lin["self_attn.o_proj"],
-            gate_up=Linear.fuse([lin["mlp.gate_proj"], lin["mlp.up_proj"]]),
-            down=lin["mlp.down_proj"],
-            ln1=state[p + "input_layernorm.weight"].to(device, torch.bfloat16),
-            ln2=state[p + "post_attention_layernorm.weight"].to(device, torch.bfloat16),
-            k_scale=_kv_scale(state, p + "self_attn.k_scale", cfg.num_kv_heads, kv_dtype, device),
-            v_scale=_kv_scale(state, p + "self_attn.v_scale", cfg.num_kv_heads, kv_dtype, device),
-        ))
+        layers.append(
+            Layer(
+                qkv=Linear.fuse([lin["self_attn.q_proj"], lin["self_attn.k_proj"], lin["self_attn.v_proj"]]),
+                o=lin["self_attn.o_proj"],
+                gate_up=Linear.fuse([lin["mlp.gate_proj"], lin["mlp.up_proj"]]),
+                down=lin["mlp.down_proj"],
+                ln1=state[p + "input_layernorm.weight"].to(device, torch.bfloat16),
+                ln2=state[p + "post_attention_layernorm.weight"].to(device, torch.bfloat16),
+                k_scale=_kv_scale(state, p + "self_attn.k_scale", cfg.num_kv_heads, kv_dtype, device),
+                v_scale=_kv_scale(state, p + "self_attn.v_scale", cfg.num_kv_heads, kv_dtype, device),
+            )
+        )
     embed = state["model.embed_tokens.weight"].to(device, torch.bfloat16)
-    lm_head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else \
-        state["lm_head.weight"].to(device, torch.bfloat16)
+    lm_head = (
+        embed
+        if cfg.tie_word_embeddings or "lm_head.weight" not in state
+        else state["lm_head.weight"].to(device, torch.bfloat16)
+    )
     norm = state["model.norm.weight"].to(device, torch.bfloat16)
     return GPUDecoder(cfg, embed, layers, norm, lm_head, act, kv_dtype)

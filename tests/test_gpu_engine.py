@@ -1,13 +1,112 @@
-"""GPU engine: capability gating everywhere; on CUDA, our graph-captured decoder against models.decoder."""
+"""GPU engine: capability gating everywhere; checkpoint mapping (keep_bf16, fusion) on the CPU; on CUDA, the
+graph-captured decoder against ``quant.reference.reference_decoder`` on the same ``quant.build`` checkpoint.
+
+The oracle is the quantizer's reference numerics (per-token int8 round-half-even / fp8 e4m3 activations,
+per-channel weights, fake-quantized KV cache), not the float model: the kernels must compute what the
+scheme defines, and the scheme's own error (reference vs float) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import gpu_backend
 from models.config import DecoderConfig
 
 CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+RECORD = os.environ.get("GPU_TEST_RECORD")  # a JSON-lines file: measured errors (device runs)
+
+# hidden 256 / head_dim 64: the smallest shapes on which every GEMM tile family compiles
+TINY_HF = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    "dtype": "bfloat16",
+}
+KEEP = ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj")
+# (id, scheme, build options): dynamic and static INT8 (SmoothQuant, auto alpha), FP8, weight-only, BF16
+CASES = [
+    ("bf16", "bf16", {}),
+    ("w8a16-int8", "w8a16-int8", {}),
+    ("w8a8-int8-kvint8", "w8a8-int8", {"kv_cache": "int8"}),
+    ("w8a8-int8-static", "w8a8-int8", {"activations": "static"}),
+    ("w8a8-int8-keep", "w8a8-int8", {"keep_bf16": KEEP, "kv_cache": "fp8"}),
+    ("w8a8-fp8-kvfp8", "w8a8-fp8", {"kv_cache": "fp8"}),
+]
+
+
+def write_tiny_model(folder: Path) -> Path:
+    """A tiny random Llama folder, with outlier channels in the norms (what SmoothQuant is for)."""
+    from models.decoder import Decoder
+
+    cfg = DecoderConfig.from_hf_dict(TINY_HF)
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+                p[:: p.numel() // 4] *= 8.0
+            else:
+                p.normal_(0, 0.06)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(TINY_HF, indent=2))
+    (folder / "tokenizer.json").write_text("{}")  # checkpoints must carry a tokenizer file; none is used here
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """quant.build checkpoints of the tiny model, calibrated on random tokens (no tokenizer, no text)."""
+    import models.chat
+    import quant.pipeline
+    from quant import build
+
+    root = tmp_path_factory.mktemp("gpu_ckpt")
+    src = write_tiny_model(root / "tiny")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("Q8CHAT_CACHE", str(root / "cache"))
+    gen = torch.Generator().manual_seed(7)
+    mp.setattr(
+        quant.pipeline,
+        "calibration_samples",
+        lambda tok, n, seq_len, data: torch.randint(3, TINY_HF["vocab_size"], (n, seq_len), generator=gen),
+    )
+    mp.setattr(models.chat, "load_tokenizer", lambda folder: None)
+    try:
+        out = {
+            cid: build(
+                str(src), scheme, out=root / cid, samples=8, seq_len=64, search_samples=4, search_tokens=256, **opts
+            )
+            for cid, scheme, opts in CASES
+        }
+    finally:
+        mp.undo()
+    return src, out
 
 
 def test_schemes_by_capability():
@@ -25,66 +124,105 @@ def test_unavailable_without_cuda():
     from models.backend import RequestError
 
     assert GPUEngine.availability() == (ok, why)
+    assert set(GPUEngine.SCHEMES) == {"bf16", "w8a16-int8", "w8a8-int8", "w8a8-fp8"}  # quant's names
     with pytest.raises(RequestError, match="not available"):
         GPUEngine("smollm2-135m")
 
 
-TINY = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
-            num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
-            tie_word_embeddings=False)
+def test_checkpoint_mapping_keep_bf16(tiny_checkpoints):
+    """keep_bf16 linears run as BF16 GEMMs; q|k|v and gate|up fuse only where one GEMM is exact."""
+    from gpu_backend.model import Linear, Split
+    from gpu_backend.weights import build_from_checkpoint
+    from quant.checkpoint import load_checkpoint
+
+    _, folders = tiny_checkpoints
+    ckpt = load_checkpoint(folders["w8a8-int8-keep"])
+    assert set(ckpt.kept_bf16) == set(KEEP)
+    dec = build_from_checkpoint(ckpt, device="cpu")
+    l0, l1 = dec.layers
+    assert isinstance(l0.qkv, Split) and [p.scale is None for p in l0.qkv.parts] == [False, True, False]
+    assert isinstance(l1.qkv, Linear) and l1.qkv.weight.dtype == torch.int8
+    assert l1.o.scale is None and l1.down.scale is None and l1.o.act_dtype is None and l1.down.act_dtype is None
+    assert isinstance(l0.gate_up, Linear) and l0.down.weight.dtype == torch.int8
+    assert dec.kv_dtype == torch.float8_e4m3fn  # the checkpoint's KV scheme
+    # static activations: q|k|v share one input, so one input_scale, and fuse
+    st = build_from_checkpoint(load_checkpoint(folders["w8a8-int8-static"]), device="cpu")
+    for lyr in st.layers:
+        assert isinstance(lyr.qkv, Linear) and lyr.qkv.input_scale is not None
+        assert isinstance(lyr.gate_up, Linear) and lyr.down.input_scale is not None
 
 
-def tiny_reference():
-    from models.decoder import Decoder
+def test_fuse_refuses_different_static_scales():
+    from gpu_backend.model import Linear, Split
 
-    torch.manual_seed(0)
-    cfg = DecoderConfig(**TINY)
-    ref = Decoder(cfg)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.08 if "norm" not in name else 0.1) + (1.0 if "norm" in name else 0.0))
-    return cfg, ref.to("cuda", torch.bfloat16).eval()
+    w = torch.zeros(4, 8, dtype=torch.int8)
+    parts = [Linear(w, torch.ones(4), torch.tensor([s]), None, torch.int8) for s in (0.1, 0.1, 0.2)]
+    assert isinstance(Linear.fuse(parts), Split) and isinstance(Linear.fuse(parts[:2]), Linear)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
 
 
 @cuda_only
-@pytest.mark.parametrize("scheme,kv,tol", [("bf16", "bf16", 0.03), ("w8a16-int8", "bf16", 0.03),
-                                          ("w8a8-int8", "int8", 0.12), ("w8a8-fp8", "fp8", 0.2)])
-def test_decoder_matches_reference(scheme, kv, tol):
+@pytest.mark.parametrize("cid,scheme,opts", CASES, ids=[c[0] for c in CASES])
+def test_decoder_matches_reference_numerics(tiny_checkpoints, cid, scheme, opts):
+    """GPU logits (prefill, then 8 graph-replayed decode steps) vs reference_decoder on the same checkpoint."""
     if scheme not in gpu_backend.supported_schemes():
         pytest.skip(f"{scheme} not supported here")
-    from gpu_backend.weights import SCHEMES, build_decoder, quantize_weights
+    from gpu_backend.weights import build_from_checkpoint
+    from models.weights import load_decoder
+    from quant.checkpoint import load_checkpoint
+    from quant.reference import reference_decoder
 
-    cfg, ref = tiny_reference()
-    state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
-    w_dtype = SCHEMES[scheme][0]
-    if w_dtype is not None:  # the reference runs the dequantized weights: what remains is activation/KV rounding
-        state = quantize_weights(state, cfg, w_dtype)
-        with torch.no_grad():
-            for name in ref.linear_names():
-                ref.get_submodule(name).weight.copy_(state[name + ".weight"].float() * state[name + ".weight_scale"])
-    for i in range(cfg.num_layers):  # int8 KV needs scales: what a calibration would give (amax / 127)
-        state[f"model.layers.{i}.self_attn.k_scale"] = torch.full((cfg.num_kv_heads,), 12 / 127)
-        state[f"model.layers.{i}.self_attn.v_scale"] = torch.full((cfg.num_kv_heads,), 8 / 127)
-    dec = build_decoder(state, cfg, scheme, kv)
-    dec.allocate(2, 64)
-    dec.decode_graph(2)
-    torch.manual_seed(1)
-    prompt = torch.randint(0, cfg.vocab_size, (2, 20), device="cuda")
-    cache = ref.new_cache(2, 64)
-    with torch.no_grad():
-        want = ref(prompt, cache, 0, last_only=True)[:, -1]
-    got = dec.prefill(prompt)
-    assert ((got - want).norm() / want.norm()).item() < tol
-    # decode 8 steps by graph replay, feeding the reference's greedy tokens to both
-    tok = want.argmax(-1)
-    for step in range(8):
-        pos = torch.full((2,), 20 + step, dtype=torch.int32, device="cuda")
-        got = dec.decode(tok, pos).clone()
-        with torch.no_grad():
-            want = ref(tok[:, None], cache, 20 + step)[:, -1]
-        err = ((got - want).norm() / want.norm()).item()
-        assert err < tol, (step, err)
+    src, folders = tiny_checkpoints
+    ckpt = load_checkpoint(folders[cid])
+    ref = reference_decoder(ckpt, torch.bfloat16, "cpu")  # the CPU reference numerics
+    flt = load_decoder(src, torch.bfloat16).eval()  # the unquantized model: the scheme's own error
+    dec = build_from_checkpoint(ckpt)
+    bsz, t, steps = 2, 20, 8
+    dec.allocate(bsz, 64)
+    dec.decode_graph(bsz)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, TINY_HF["vocab_size"], (bsz, t), generator=gen)
+    caches = {"ref": ref.new_cache(bsz, 64), "flt": flt.new_cache(bsz, 64)}
+    with torch.inference_mode():
+        want = ref(prompt, caches["ref"], 0, last_only=True)[:, -1]
+        fl = flt(prompt, caches["flt"], 0, last_only=True)[:, -1]
+        got = dec.prefill(prompt.cuda()).cpu()
+        errs, scheme_errs = [rel(got, want)], [rel(want, fl)]
+        agree = [int((got.argmax(-1) == want.argmax(-1)).sum())]
         tok = want.argmax(-1)
+        for step in range(steps):
+            pos = torch.full((bsz,), t + step, dtype=torch.int32, device="cuda")
+            got = dec.decode(tok.cuda(), pos).cpu()
+            want = ref(tok[:, None], caches["ref"], t + step)[:, -1]
+            fl = flt(tok[:, None], caches["flt"], t + step)[:, -1]
+            errs.append(rel(got, want))
+            scheme_errs.append(rel(want, fl))
+            agree.append(int((got.argmax(-1) == want.argmax(-1)).sum()))
+            tok = want.argmax(-1)  # both follow the reference's greedy tokens
+    if RECORD:
+        with open(RECORD, "a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "case": cid,
+                        "gpu_vs_reference_max": max(errs),
+                        "gpu_vs_reference": errs,
+                        "reference_vs_float_max": max(scheme_errs),
+                        "argmax_agree": sum(agree),
+                        "of": bsz * (steps + 1),
+                    }
+                )
+                + "\n"
+            )
+    # bf16-level differences remain (attention's rounding points, accumulation order, cuBLAS vs CPU GEMMs);
+    # a wrong rounding mode, scale or KV treatment shows as errors of the scheme's own size (see RECORD)
+    assert max(errs) < 2.5e-2, errs
+    assert sum(agree) >= bsz * (steps + 1) - 1, agree
 
 
 @cuda_only
@@ -98,8 +236,9 @@ def test_engine_generates_embedded_model():
         eng = GPUEngine("smollm2-135m", "bf16")
     except Exception as e:  # the model package is not on every GPU machine
         pytest.skip(f"embedded model unavailable: {e}")
-    ids = eng.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                            add_generation_prompt=True)
+    ids = eng.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
     events = list(eng.generate(list(ids), SamplingParams(max_new_tokens=16)))
     assert events[-1].finished and events[-1].timings.generated_tokens > 0
     assert "Paris" in "".join(e.text for e in events)

@@ -85,8 +85,14 @@ def test_static_input_scale():
 def _shapes():
     if not CUDA:
         return [(1, 48, 64), (5, 40, 80), (17, 64, 96)]
-    return [(1, 6144, 4096), (8, 4096, 14336), (33, 1000, 4096), (64, 4096, 4096), (300, 2048, 1024),
-            (1024, 4096, 4096)]
+    return [
+        (1, 6144, 4096),
+        (8, 4096, 14336),
+        (33, 1000, 4096),
+        (64, 4096, 4096),
+        (300, 2048, 1024),
+        (1024, 4096, 4096),
+    ]
 
 
 @pytest.mark.parametrize("m,n,k", _shapes())
@@ -116,8 +122,11 @@ def test_w8a8_gemm(m, n, k, wdtype):
 def test_w8a16_gemm(m, n, k, wdtype):
     torch.manual_seed(3)
     a = torch.randn(m, k, device=DEV).to(ACT)
-    w = (torch.randint(-127, 128, (n, k), device=DEV).to(torch.int8) if wdtype == torch.int8
-         else torch.randn(n, k, device=DEV).to(FP8))
+    w = (
+        torch.randint(-127, 128, (n, k), device=DEV).to(torch.int8)
+        if wdtype == torch.int8
+        else torch.randn(n, k, device=DEV).to(FP8)
+    )
     sw = torch.rand(n, device=DEV) * 0.01
     c = gemm(a, None, w, sw, out_dtype=ACT)
     ref = (a.double().cpu() @ w.double().cpu().T) * sw.double().cpu()
@@ -147,11 +156,11 @@ def test_rope_and_cache(kv_dtype):
     got = qkv.cpu().view(bsz * t, h + 2 * kv, d)
     ref = rope_ref(orig[:, : h + kv], pos.cpu(), inv)
     assert rel(got[:, : h + kv], ref) < 1e-2
-    assert torch.equal(got[:, h + kv:], orig[:, h + kv:])
+    assert torch.equal(got[:, h + kv :], orig[:, h + kv :])
     scaled = kv_dtype in (torch.int8, FP8)
     for r in range(bsz * t):
         b, p = r // t, int(pos[r])
-        k_ref, v_ref = ref[r, h:], orig[r, h + kv:].double()
+        k_ref, v_ref = ref[r, h:], orig[r, h + kv :].double()
         k_got, v_got = kc[b, :, p].double().cpu(), vc[b, :, p].double().cpu()
         if scaled:
             k_got, v_got = k_got * ks.cpu().double()[:, None], v_got * vs.cpu().double()[:, None]

@@ -16,6 +16,7 @@ import triton.language as tl
 NONE, INT8, FP8 = 0, 1, 2
 FP8_MAX = 448.0
 INT8_MAX = 127.0
+AMAX_EPS = 1e-6  # quant.reference.AMAX_EPS: scale = max(amax, eps) / qmax
 
 
 def quant_code(dtype: torch.dtype | None) -> int:
@@ -29,41 +30,69 @@ def quant_code(dtype: torch.dtype | None) -> int:
 
 
 @triton.jit
+def _round_half_even(v):
+    """torch.round (half to even) of fp32 values, as quant.reference rounds int8."""
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
 def _quantize_row(y, mask, out_ptr, scale_ptr, static_scale_ptr, row, QUANT: tl.constexpr, STATIC: tl.constexpr):
-    """Write y (fp32 row) as int8/fp8 with one scale per row (dynamic, or a static input_scale)."""
+    """Write y (fp32 row) as int8/fp8 with one scale per row (dynamic, or a static input_scale).
+
+    Numerics of quant.reference: scale = max(amax, 1e-6) / qmax, IEEE division, clamp, int8 rounds half
+    to even, fp8 is a round-to-nearest cast."""
     qmax = 127.0 if QUANT == 1 else 448.0
     if STATIC:
         scale = tl.load(static_scale_ptr)
     else:
         amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-        scale = tl.maximum(amax / qmax, 1e-12)
-    v = y / scale
-    v = tl.minimum(tl.maximum(v, -qmax), qmax)
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-6), qmax)
+    v = tl.math.div_rn(y, tl.zeros_like(y) + scale)
     if QUANT == 1:
-        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))  # round half away from zero
+        v = _round_half_even(v)
+    v = tl.minimum(tl.maximum(v, -qmax), qmax)
     tl.store(out_ptr + tl.arange(0, y.shape[0]), v.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
 @triton.jit
 def _norm_quant_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, static_scale_ptr,
-    K, stride_x, stride_r, stride_o, eps,
-    HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    scale_ptr,
+    static_scale_ptr,
+    K,
+    stride_x,
+    stride_r,
+    stride_o,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    QUANT: tl.constexpr,
+    STATIC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        x = x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        # the residual branch may arrive in fp32 (split-K GEMM): the model rounds it to bf16 first
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
+        x = x + r
         x = x.to(x_ptr.dtype.element_ty)  # the residual stream is kept in bf16, as in the reference
         tl.store(x_ptr + row * stride_x + offs, x, mask=mask)
         x = x.to(tl.float32)
     y = x
     if HAS_NORM:
         var = tl.sum(x * x, axis=0) / K
-        y = (x * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)
+        inv = tl.math.div_rn(var * 0.0 + 1.0, tl.math.sqrt_rn(var + eps))  # IEEE 1/sqrt, as torch on the CPU
+        y = (x * inv).to(tl.bfloat16).to(tl.float32)
         y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if QUANT == 0:
         tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -74,14 +103,23 @@ def _norm_quant_kernel(
 
 @triton.jit
 def _silu_mul_quant_kernel(
-    gu_ptr, out_ptr, scale_ptr, static_scale_ptr, n_inter, stride_g, stride_o,
-    QUANT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+    gu_ptr,
+    out_ptr,
+    scale_ptr,
+    static_scale_ptr,
+    n_inter,
+    stride_g,
+    stride_o,
+    QUANT: tl.constexpr,
+    STATIC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_inter
-    g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_g + n_inter + offs, mask=mask, other=0.0).to(tl.float32)
+    # gate|up may arrive in fp32 (split-K GEMM): the model's projections return bf16
+    g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + n_inter + offs, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
     # bf16 rounding points follow F.silu(gate) * up in bf16
     s = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32)
     y = (s * u).to(tl.bfloat16).to(tl.float32)
@@ -120,11 +158,23 @@ def norm_quant(
     out, scale = _outputs(x, k, qdtype, out, scale)
     block = triton.next_power_of_2(k)
     _norm_quant_kernel[(m,)](
-        x, residual if residual is not None else x, weight if weight is not None else x, out, scale,
+        x,
+        residual if residual is not None else x,
+        weight if weight is not None else x,
+        out,
+        scale,
         static_scale if static_scale is not None else scale,
-        k, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-        HAS_RES=residual is not None, HAS_NORM=weight is not None, QUANT=quant_code(qdtype),
-        STATIC=static_scale is not None, BLOCK=block, num_warps=_warps(block),
+        k,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        eps,
+        HAS_RES=residual is not None,
+        HAS_NORM=weight is not None,
+        QUANT=quant_code(qdtype),
+        STATIC=static_scale is not None,
+        BLOCK=block,
+        num_warps=_warps(block),
     )
     return out, scale
 
@@ -142,7 +192,16 @@ def silu_mul_quant(
     out, scale = _outputs(gate_up, i, qdtype, out, scale)
     block = triton.next_power_of_2(i)
     _silu_mul_quant_kernel[(m,)](
-        gate_up, out, scale, static_scale if static_scale is not None else scale, i, gate_up.stride(0), out.stride(0),
-        QUANT=quant_code(qdtype), STATIC=static_scale is not None, BLOCK=block, num_warps=_warps(block),
+        gate_up,
+        out,
+        scale,
+        static_scale if static_scale is not None else scale,
+        i,
+        gate_up.stride(0),
+        out.stride(0),
+        QUANT=quant_code(qdtype),
+        STATIC=static_scale is not None,
+        BLOCK=block,
+        num_warps=_warps(block),
     )
     return out, scale

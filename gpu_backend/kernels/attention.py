@@ -12,12 +12,28 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_backend.kernels.act_quant import _round_half_even
+
 
 @triton.jit
 def _rope_cache_kernel(
-    qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, k_scale_ptr, v_scale_ptr,
-    T, stride_row, n_heads, n_kv, stride_cb, stride_ch, stride_cs,
-    HALF: tl.constexpr, QUANT: tl.constexpr,
+    qkv_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    kc_ptr,
+    vc_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    T,
+    stride_row,
+    n_heads,
+    n_kv,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    HALF: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     """One program per (token row, head among q|k|v). RoPE in place on q and k; k and v go to the cache."""
     row = tl.program_id(0).to(tl.int64)
@@ -28,9 +44,14 @@ def _rope_cache_kernel(
     x1 = tl.load(base + d).to(tl.bfloat16).to(tl.float32)  # the model's qkv is bf16 (identity there)
     x2 = tl.load(base + HALF + d).to(tl.bfloat16).to(tl.float32)
     if head < n_heads + n_kv:
-        c = tl.load(cos_ptr + pos * HALF + d)
-        s = tl.load(sin_ptr + pos * HALF + d)
-        x1, x2 = (x1 * c - x2 * s).to(tl.bfloat16).to(tl.float32), (x2 * c + x1 * s).to(tl.bfloat16).to(tl.float32)
+        # the model's bf16 rounding points: cos/sin in bf16, q*cos and rotate_half(q)*sin rounded, then the sum
+        c = tl.load(cos_ptr + pos * HALF + d).to(tl.bfloat16).to(tl.float32)
+        s = tl.load(sin_ptr + pos * HALF + d).to(tl.bfloat16).to(tl.float32)
+        a1 = (x1 * c).to(tl.bfloat16).to(tl.float32)
+        b1 = (-x2 * s).to(tl.bfloat16).to(tl.float32)
+        a2 = (x2 * c).to(tl.bfloat16).to(tl.float32)
+        b2 = (x1 * s).to(tl.bfloat16).to(tl.float32)
+        x1, x2 = (a1 + b1).to(tl.bfloat16).to(tl.float32), (a2 + b2).to(tl.bfloat16).to(tl.float32)
         tl.store(base + d, x1.to(qkv_ptr.dtype.element_ty))
         tl.store(base + HALF + d, x2.to(qkv_ptr.dtype.element_ty))
     if head >= n_heads:
@@ -43,21 +64,30 @@ def _rope_cache_kernel(
             kvh = head - n_heads - n_kv
             dst = vc_ptr + b * stride_cb + kvh * stride_ch + pos * stride_cs
             sc = tl.load(v_scale_ptr + kvh)
-        if QUANT != 0:
+        if QUANT != 0:  # quant.reference.fake_quant_kv: IEEE division, int8 rounds half to even, clamp
             qmax = 127.0 if QUANT == 1 else 448.0
-            x1 = tl.minimum(tl.maximum(x1 / sc, -qmax), qmax)
-            x2 = tl.minimum(tl.maximum(x2 / sc, -qmax), qmax)
+            x1 = tl.math.div_rn(x1, tl.zeros_like(x1) + sc)
+            x2 = tl.math.div_rn(x2, tl.zeros_like(x2) + sc)
             if QUANT == 1:
-                x1 = tl.where(x1 >= 0, tl.floor(x1 + 0.5), -tl.floor(-x1 + 0.5))
-                x2 = tl.where(x2 >= 0, tl.floor(x2 + 0.5), -tl.floor(-x2 + 0.5))
+                x1, x2 = _round_half_even(x1), _round_half_even(x2)
+            x1 = tl.minimum(tl.maximum(x1, -qmax), qmax)
+            x2 = tl.minimum(tl.maximum(x2, -qmax), qmax)
         tl.store(dst + d, x1.to(kc_ptr.dtype.element_ty))
         tl.store(dst + HALF + d, x2.to(kc_ptr.dtype.element_ty))
 
 
 def rope_and_cache(
-    qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-    n_heads: int, n_kv: int, tokens_per_seq: int,
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    tokens_per_seq: int,
 ) -> None:
     """qkv [B*T, (H + 2*KV) * D] bf16 (rows b-major): rotate q, k in place; store k, v at cache[b, :, pos]."""
     rows, width = qkv.shape
@@ -66,17 +96,47 @@ def rope_and_cache(
     from gpu_backend.kernels.act_quant import quant_code
 
     _rope_cache_kernel[(rows, n_heads + 2 * n_kv)](
-        qkv, positions, cos, sin, k_cache, v_cache, k_scale, v_scale,
-        tokens_per_seq, qkv.stride(0), n_heads, n_kv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HALF=half, QUANT=quant_code(k_cache.dtype), num_warps=1,
+        qkv,
+        positions,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        k_scale,
+        v_scale,
+        tokens_per_seq,
+        qkv.stride(0),
+        n_heads,
+        n_kv,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        HALF=half,
+        QUANT=quant_code(k_cache.dtype),
+        num_warps=1,
     )
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, k_scale_ptr, v_scale_ptr, seq_ptr, o_ptr, ml_ptr,
-    stride_qb, stride_cb, stride_ch, stride_cs, sm_scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    seq_ptr,
+    o_ptr,
+    ml_ptr,
+    stride_qb,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    sm_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    SPLITS: tl.constexpr,
     SCALED: tl.constexpr,
 ):
     """Program (b, kv head, split): the G query heads sharing this kv head, over one slice of the keys."""
@@ -142,9 +202,17 @@ def _decode_reduce_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, D: tl.constexpr, SP
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-    seq_lens: torch.Tensor, n_heads: int, out: torch.Tensor | None = None, splits: int = 16,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None, block_s: int = 64,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    seq_lens: torch.Tensor,
+    n_heads: int,
+    out: torch.Tensor | None = None,
+    splits: int = 16,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_s: int = 64,
 ) -> torch.Tensor:
     """q [B, >= H*D] (row stride free: a view of the qkv buffer) -> out [B, H*D] bf16.
 
@@ -161,15 +229,34 @@ def decode_attention(
         workspace = decode_workspace(bsz, n_heads, d, splits, q.device)
     o_part, ml = workspace
     _decode_split_kernel[(bsz, n_kv, splits)](
-        q, k_cache, v_cache, k_scale, v_scale, seq_lens, o_part, ml,
-        q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5,
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK_S=block_s, SPLITS=splits,
-        SCALED=k_cache.dtype in (torch.int8, torch.float8_e4m3fn), num_warps=4, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        k_scale,
+        v_scale,
+        seq_lens,
+        o_part,
+        ml,
+        q.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        d**-0.5,
+        G=g,
+        G_PAD=max(16, triton.next_power_of_2(g)),
+        D=d,
+        BLOCK_S=block_s,
+        SPLITS=splits,
+        SCALED=k_cache.dtype in (torch.int8, torch.float8_e4m3fn),
+        num_warps=4,
+        num_stages=2,
     )
     _decode_reduce_kernel[(bsz, n_heads)](o_part, ml, out, out.stride(0), D=d, SPLITS=splits, num_warps=1)
     return out
 
 
 def decode_workspace(bsz: int, n_heads: int, d: int, splits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty((bsz, n_heads, splits, d), dtype=torch.float32, device=device),
-            torch.empty((bsz, n_heads, splits, 2), dtype=torch.float32, device=device))
+    return (
+        torch.empty((bsz, n_heads, splits, d), dtype=torch.float32, device=device),
+        torch.empty((bsz, n_heads, splits, 2), dtype=torch.float32, device=device),
+    )
