@@ -25,8 +25,13 @@ test: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench-cpu: $(VENV)/.runtime
+# llama.cpp, the CPU peer, lives in its own venv: llama-cpp-python compiles from source (~10 min).
+.venv-llama/bin/python:
+	python3 -m venv .venv-llama
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv-llama/bin/pip install -q llama-cpp-python==0.3.36
+
+bench-cpu: $(VENV)/.runtime .venv-llama/bin/python
 	$(PY) bench/cpu_latency.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-llama
