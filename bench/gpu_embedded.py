@@ -46,6 +46,72 @@ def prepare(out: Path, windows: int, window: int) -> None:
         print(s, build(DEFAULT_MODEL, s), flush=True)
 
 
+PART = 60 * 1024 * 1024
+
+
+def _embed_range(raw: bytes) -> tuple[int, int]:
+    import struct
+
+    n = struct.unpack("<Q", raw[:8])[0]
+    lo, hi = json.loads(raw[8 : 8 + n])["model.embed_tokens.weight"]["data_offsets"]
+    return 8 + n + lo, 8 + n + hi
+
+
+def pack(folders: dict[str, Path], out: Path) -> int:
+    """Checkpoint folders -> out/cNN/part (< 60 MiB each) + out/cNN/index.json in the last: the device takes one
+    carried folder per call. The BF16 embedding (the same in every checkpoint) travels once; BF16 tensors are
+    xz-compressed (8-bit ones barely compress). Byte-exact: load_checkpoint's sha256 checks verify it there."""
+    import lzma
+
+    blobs, index, embed = [], [], None
+    for scheme, folder in folders.items():
+        for f in sorted(folder.iterdir()):
+            raw = f.read_bytes()
+            entry = {"path": f"ckpt-{scheme}/{f.name}", "xz": False}
+            if f.name == "model.safetensors":
+                lo, hi = _embed_range(raw)
+                if embed is None:
+                    embed = raw[lo:hi]
+                    blobs.append(lzma.compress(embed, preset=0))
+                    index.append({"path": "embed", "xz": True, "len": len(blobs[-1])})
+                assert raw[lo:hi] == embed, f"{f}: embedding differs"
+                raw, entry["embed_at"] = raw[:lo] + raw[hi:], lo
+                if scheme == "bf16":
+                    raw, entry["xz"] = lzma.compress(raw, preset=0), True
+            blobs.append(raw)
+            entry["len"] = len(raw)
+            index.append(entry)
+    data = b"".join(blobs)
+    parts = [data[i : i + PART] for i in range(0, len(data), PART)]
+    for i, p in enumerate(parts):
+        (out / f"c{i:02d}").mkdir(parents=True, exist_ok=True)
+        (out / f"c{i:02d}" / "part").write_bytes(p)
+    (out / f"c{len(parts) - 1:02d}" / "index.json").write_text(json.dumps({"parts": len(parts), "files": index}))
+    return len(parts)
+
+
+def unpack(parts_dir: Path, index_file: Path, out: Path) -> None:
+    """Device side of ``pack``: parts_dir/cNN (the carried parts, gathered) -> out/ckpt-SCHEME/ folders."""
+    import lzma
+
+    index = json.loads(index_file.read_text())
+    data = b"".join((parts_dir / f"c{i:02d}").read_bytes() for i in range(index["parts"]))
+    at, embed = 0, None
+    for e in index["files"]:
+        raw = data[at : at + e["len"]]
+        at += e["len"]
+        if e["xz"]:
+            raw = lzma.decompress(raw)
+        if e["path"] == "embed":
+            embed = raw
+            continue
+        if "embed_at" in e:
+            raw = raw[: e["embed_at"]] + embed + raw[e["embed_at"] :]
+        path = out / e["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+
+
 def greedy_reference(model, ids: list[int], n: int) -> list[int]:
     cache = model.new_cache(1, len(ids) + n)
     with torch.inference_mode():
@@ -170,11 +236,20 @@ def main() -> None:
     ap.add_argument("--prepare", type=Path)
     ap.add_argument("--run", type=Path)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--pack", type=Path, help="write the built checkpoints as transfer parts into this folder")
+    ap.add_argument("--unpack", nargs=2, type=Path, metavar=("PARTS_DIR", "INDEX"), help="rebuild into --run DIR")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
     a = ap.parse_args()
     if a.prepare:
         prepare(a.prepare, a.windows, a.window)
+    if a.pack:
+        from models.registry import DEFAULT_MODEL
+        from quant import build
+
+        print(pack({s: Path(build(DEFAULT_MODEL, s)) for s in SCHEMES}, a.pack), "parts")
+    if a.unpack:
+        unpack(a.unpack[0], a.unpack[1], a.run)
     if a.run:
         run(a.run, a.out)
 
