@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
                    help="w8a8-int8: per-token dynamic (default) or static per-tensor input_scale")
     q.add_argument("--keep-bf16", nargs="*", default=[], metavar="LINEAR",
                    help="linears left unquantized, e.g. model.layers.0.mlp.down_proj")
-    q.add_argument("--search-samples", type=int, default=16, help="alpha=auto: samples used to score the grid")
+    q.add_argument("--search-samples", type=int, default=8, help="alpha=auto: samples used to score the grid")
     q.add_argument("--out", required=True, help="checkpoint folder (replaced if it exists)")
     q.add_argument("--eval", action="store_true", help="evaluate the checkpoint afterwards")
     q.add_argument("--windows", type=int, default=32)

@@ -35,8 +35,8 @@ class QuantizeConfig:
     data: str = "wiki"  # or a .txt / .jsonl file
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
-    search_samples: int = 16  # alpha=auto: samples whose activations score the grid ...
-    search_tokens: int = 2048  # ... subsampled to this many tokens per layer
+    search_samples: int = 8  # alpha=auto: samples whose activations score the grid ...
+    search_tokens: int = 1024  # ... subsampled to this many tokens per layer
     batch_size: int = 8
     keep_bf16: tuple[str, ...] = field(default_factory=tuple)  # linears left unquantized (full names)
 

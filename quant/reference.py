@@ -153,7 +153,7 @@ def reference_decoder(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "
     cfg = ckpt.config
     with torch.device("meta"):
         model = Decoder(cfg)
-    linear_names = set(model.linear_names()) if ckpt.scheme.quantizes_weights else set()
+    linear_names = {n for n in model.linear_names() if ckpt.is_quantized(n)}  # kept-BF16 ones load as nn.Linear
     state = {}
     for name in model.state_dict():
         module = name.rpartition(".")[0]

@@ -44,6 +44,7 @@ def built(tiny, tmp_path_factory):
         "fp8": QuantizeConfig(scheme="w8a8-fp8", alpha=0.0, kv_cache="fp8", **common),
         "w8a16": QuantizeConfig(scheme="w8a16-int8", **common),
         "bf16": QuantizeConfig(scheme="bf16", **common),
+        "keep": QuantizeConfig(scheme="w8a8-int8", alpha=0.5, keep_bf16=("model.layers.1.mlp.down_proj",), **common),
     }
     return {k: quantize(qc, out / k, progress=False) for k, qc in specs.items()}
 
@@ -120,6 +121,11 @@ def test_checkpoint_round_trip(built):
     fp8 = load_checkpoint(built["fp8"])
     assert fp8.linear("model.layers.0.mlp.up_proj").weight.dtype == torch.float8_e4m3fn
     assert load_checkpoint(built["bf16"]).tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    keep = load_checkpoint(built["keep"])
+    assert keep.linear("model.layers.1.mlp.down_proj").weight_scale is None
+    assert keep.linear("model.layers.1.mlp.up_proj").weight.dtype == torch.int8
+    qc = json.loads((built["keep"] / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head", "model.layers.1.mlp.down_proj"]
 
 
 def test_reference_decoder_follows_bf16_model(built, tiny):
@@ -128,13 +134,15 @@ def test_reference_decoder_follows_bf16_model(built, tiny):
 
     base = load_decoder(tiny, torch.bfloat16)
     tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
-    limits = {"bf16": 1e-12, "w8a16": 0.005, "sq": 0.02, "fp8": 0.1}  # relative squared error of the logits
+    limits = {"bf16": 1e-12, "w8a16": 0.005, "sq": 0.02, "fp8": 0.1, "keep": 0.02}  # relative squared error of the logits
     with torch.no_grad():
         ref = base(tokens, base.new_cache(1, 16), 0)
         for name, limit in limits.items():
             model = reference_decoder(load_checkpoint(built[name]))
             if name != "bf16":
                 assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinearRef)
+            if name == "keep":
+                assert isinstance(model.model.layers[1].mlp.down_proj, torch.nn.Linear)
             out = model(tokens, model.new_cache(1, 16), 0)
             rel = float((out - ref).pow(2).mean() / ref.pow(2).mean())
             assert rel < limit, (name, rel)
@@ -241,3 +249,11 @@ def test_cli_help_and_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quant", "quantize", "--scheme", "w8a8-int8", "--alpha", "7",
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "alpha must be in [0, 1]" in r.stderr
+
+
+def test_buildable_schemes(tiny, tmp_path):
+    import quant
+
+    assert quant.buildable_schemes(str(tiny)) == quant.SCHEMES
+    with pytest.raises(ValueError, match="not a model folder|unknown model"):
+        quant.buildable_schemes(str(tmp_path))
