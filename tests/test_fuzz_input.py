@@ -1,0 +1,138 @@
+"""Property-based fuzz of the chat entry points: every odd input gets a clear message, never a traceback,
+and the next normal request still works."""
+
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import app
+from models.backend import RequestError, SamplingParams
+from service import ChatSettings
+
+TEXT = st.one_of(
+    st.just(""),
+    st.text(alphabet=st.sampled_from(" \t\n\r\x0b\x0c"), max_size=20),
+    st.text(max_size=200),  # any Unicode incl. control characters
+    st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=5),
+    st.builds(lambda c, n: c * n, st.sampled_from("a€🙂\x00"), st.integers(1_000, 100_000)),
+)
+NUMBER = st.one_of(
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.text(max_size=5),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
+ANSWERED: list[str] = []
+# valid but long generations would only slow the fuzz down: cap valid token budgets at 8
+MAX_NEW = NUMBER.map(lambda v: 8 if type(v) is int and 8 < v <= 4096 else v)
+SETTINGS = settings(max_examples=110, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def ui_outcome(message, **overrides):
+    args = dict(
+        backend="cpu",
+        model="smollm2-135m",
+        scheme="bf16",
+        system="",
+        max_new=4,
+        temperature=0.0,
+        top_p=0.9,
+        top_k=0,
+        rep=1.0,
+        seed=None,
+    )
+    args.update(overrides)
+    outs = list(
+        app.respond(
+            message,
+            [],
+            args["backend"],
+            args["model"],
+            args["scheme"],
+            args["system"],
+            args["max_new"],
+            args["temperature"],
+            args["top_p"],
+            args["top_k"],
+            args["rep"],
+            args["seed"],
+            None,
+        )
+    )
+    return outs[-1]
+
+
+@SETTINGS
+@given(
+    message=TEXT,
+    system=TEXT,
+    max_new=NUMBER,
+    temperature=NUMBER,
+    top_p=NUMBER,
+    top_k=NUMBER,
+    rep=NUMBER,
+    seed=NUMBER,
+    backend=st.sampled_from(["cpu", "gpu", "tpu", "", "CPU"]),
+    scheme=st.sampled_from(["bf16", "w8a8-fp8", "nope", ""]),
+    model=st.sampled_from(["smollm2-135m", "", "../etc"]),
+)
+def test_ui_handler_never_raises(
+    cpu_engine, message, system, max_new, temperature, top_p, top_k, rep, seed, backend, scheme, model
+):
+    history, box, status = ui_outcome(
+        message,
+        system=system,
+        max_new=max_new if max_new is not None else 4,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        rep=rep,
+        seed=seed,
+        backend=backend,
+        scheme=scheme,
+        model=model,
+    )
+    assert "Traceback" not in status and "Traceback" not in str(history)
+    if status:  # refused: a message for the person, the typed text kept
+        assert status.startswith("**Cannot answer:**") and len(status) > len("**Cannot answer:** ")
+        assert box == message and history == []
+    else:
+        assert history[-1]["role"] == "assistant" and "TTFT" in history[-1]["content"]
+        ANSWERED.append(message)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(message=TEXT, system=st.one_of(st.just(""), TEXT))
+def test_odd_text_with_sane_settings_is_answered_or_refused_clearly(cpu_engine, message, system):
+    history, box, status = ui_outcome(message, system=system, max_new=2)
+    if status:
+        assert any(w in status for w in ("empty", "tokens but only", "must be text")), status
+        assert box == message
+    else:
+        assert "TTFT" in history[-1]["content"]
+        ANSWERED.append(message)
+
+
+@SETTINGS
+@given(max_new=NUMBER, temperature=NUMBER, top_p=NUMBER, top_k=NUMBER, rep=NUMBER, seed=NUMBER)
+def test_sampling_validation_accepts_only_sane_values(max_new, temperature, top_p, top_k, rep, seed):
+    params = SamplingParams(
+        max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=rep, seed=seed
+    )
+    try:
+        params.validate()
+    except RequestError as e:
+        assert str(e)
+        return
+    assert isinstance(max_new, int) and 1 <= max_new <= 4096
+    assert math.isfinite(temperature) and 0 <= temperature <= 5
+    assert 0 < top_p <= 1 and 0.5 <= rep <= 2 and (seed is None or seed >= 0)
+
+
+def test_normal_request_works_after_the_fuzz(cpu_engine):
+    assert len(ANSWERED) >= 5  # the fuzz reached the answering path, not only refusals
+    *_, update = app.service.chat("What is the capital of France?", [], ChatSettings(sampling=SamplingParams(32)))
+    assert "Paris" in update.text and update.done
