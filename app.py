@@ -93,6 +93,8 @@ def respond(
             backend, model, scheme, system or "", sampling(max_new, temperature, top_p, top_k, rep, seed)
         )
         warmup.check(backend, scheme)
+        if not service.is_loaded(backend, model, scheme):
+            yield history, message, f"Loading {model} ({backend.upper()}, {scheme}): {LOADING_NOTE.get(scheme, '')}"
         stream = service.chat(message, strip_metrics(history), settings, cancel)
         first = next(stream)
     except Exception as e:  # noqa: BLE001 - everything becomes a message, never a traceback
@@ -109,6 +111,13 @@ def respond(
         yield history, "", f"**Cannot answer:** {friendly_error(e)}"
     finally:
         cancel_events.pop(session, None)
+
+
+LOADING_NOTE = {
+    "w8a8-int8": "the first use builds its checkpoint (calibration on Wikipedia text + SmoothQuant), then it is cached",
+    "w8a16-int8": "the first use builds its checkpoint, then it is cached",
+    "w8a8-fp8": "the first use builds its checkpoint, then it is cached",
+}
 
 
 def _chain(first, rest):

@@ -77,6 +77,9 @@ class ChatService:
         self._keys: dict[str, tuple[str, str]] = {}
         self._load_lock = threading.Lock()
 
+    def is_loaded(self, backend: str, model: str, scheme: str) -> bool:
+        return self._keys.get(backend) == (model, scheme)
+
     def engine(self, backend: str, model: str, scheme: str) -> Backend:
         ok, reason = backend_availability(backend)
         if not ok:
