@@ -72,8 +72,11 @@ def test_user_calibration_files(tokenizer, tmp_path):
     txt = tmp_path / "c.txt"
     txt.write_text("First paragraph about cats. " * 10 + "\n\n" + "Second about dogs. " * 10)
     jl = tmp_path / "c.jsonl"
-    jl.write_text(json.dumps({"text": "hello world " * 30}) + "\n" +
-                  json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    jl.write_text(
+        json.dumps({"text": "hello world " * 30})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    )
     assert len(read_user_file(txt)) == 2 and isinstance(read_user_file(jl)[1], list)
     assert calibration_samples(tokenizer, 2, 16, txt).shape == (2, 16)
     bad = tmp_path / "c.csv"
@@ -134,7 +137,13 @@ def test_reference_decoder_follows_bf16_model(built, tiny):
 
     base = load_decoder(tiny, torch.bfloat16)
     tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
-    limits = {"bf16": 1e-12, "w8a16": 0.005, "sq": 0.02, "fp8": 0.1, "keep": 0.02}  # relative squared error of the logits
+    limits = {
+        "bf16": 1e-12,
+        "w8a16": 0.005,
+        "sq": 0.02,
+        "fp8": 0.1,
+        "keep": 0.02,
+    }  # relative squared error of the logits
     with torch.no_grad():
         ref = base(tokens, base.new_cache(1, 16), 0)
         for name, limit in limits.items():
@@ -233,8 +242,15 @@ def test_compare_metrics(built, tiny):
 
     base = load_decoder(tiny, torch.bfloat16)
     tokens = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(1))
-    res = compare(base, {"bf16": reference_decoder(load_checkpoint(built["bf16"])),
-                         "fp8": reference_decoder(load_checkpoint(built["fp8"]))}, tokens, progress=False)
+    res = compare(
+        base,
+        {
+            "bf16": reference_decoder(load_checkpoint(built["bf16"])),
+            "fp8": reference_decoder(load_checkpoint(built["fp8"])),
+        },
+        tokens,
+        progress=False,
+    )
     assert res["bf16"]["kl"] == pytest.approx(0, abs=1e-9) and res["bf16"]["agreement"] == 1.0
     assert res["fp8"]["kl"] > 0 and res["reference"]["tokens"] == 62
 
@@ -243,11 +259,27 @@ def test_cli_help_and_errors(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "quant", "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "w8a8-int8" in r.stdout and "quantize" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "quant", "eval", str(tmp_path / "missing")], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "quant", "eval", str(tmp_path / "missing")], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "quant", "quantize", "--scheme", "w8a8-int8", "--alpha", "7",
-                        "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quant",
+            "quantize",
+            "--scheme",
+            "w8a8-int8",
+            "--alpha",
+            "7",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and "alpha must be in [0, 1]" in r.stderr
 
 
