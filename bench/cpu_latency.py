@@ -256,6 +256,27 @@ def kernel_log(threads: int) -> str:
     return "\n".join(lines)
 
 
+def decode_profile(runners: list) -> str:
+    """Where a decode step's time goes, per scheme (torch profiler, 20 steps at ~200 tokens of context)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = ["# CPU decode profile (torch.profiler, 20 decode steps after a 128-token prompt)", ""]
+    for r in runners:
+        if not isinstance(r, Ours):
+            continue
+        gen = r.engine.generator
+        with torch.inference_mode():
+            gen.prefill(torch.tensor([r.prompts["p128"]]))
+            for i in range(4):
+                gen.decode(5, 128 + i)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i in range(20):
+                    gen.decode(5, 132 + i)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        lines += [f"## {r.key[1]}", "", "```", table, "```", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -369,6 +390,7 @@ def main() -> None:
         ],
         notes,
     )
+    (RESULTS / "cpu_profile.md").write_text(decode_profile(runners) + "\n")
     (RESULTS / "cpu_kernels.md").write_text(kernel_log(threads) + "\n")
 
 
