@@ -128,6 +128,7 @@ def main() -> None:
                        "numerics": "quant.reference: int8 per-token (round-half-even, clamp +-127) / fp8 E4M3 casts"},
         "timing_seconds": {"cold_quantize_w8a8_int8_auto": round(t_quant, 1),
                            "cold_quantize_plus_eval": round(t_total, 1), "eval_all_variants": round(t_eval_all, 1)},
+        "cold_run": json.loads(cold_file.read_text()),
         "sensitive_linears_kept_bf16": list(sensitive),
         "results": rows,
     }
@@ -152,7 +153,7 @@ def reusable(folder: Path, qc) -> bool:
 
 
 def markdown(r: dict) -> str:
-    e, t = r["evaluation"], r["timing_seconds"]
+    e, t, c = r["evaluation"], r["timing_seconds"], r.get("cold_run", {})
     lines = [
         f"Quality of {r['model']} (BF16 perplexity {e['bf16_perplexity']:.3f}) on held-out Wikipedia: "
         f"{e['windows']} windows x {e['window']} tokens, stride {e['stride']} ({e['tokens_scored']} scored tokens); "
@@ -167,7 +168,8 @@ def markdown(r: dict) -> str:
     lines += [
         "",
         f"Numerics: {e['numerics']}. Cold quantize (w8a8-int8, alpha auto, statistics not cached) "
-        f"{t['cold_quantize_w8a8_int8_auto']} s + evaluation = {t['cold_quantize_plus_eval']} s.",
+        f"{t['cold_quantize_w8a8_int8_auto']} s; with its evaluation ({c.get('windows')} windows, "
+        f"{c.get('threads')} threads) {t['cold_quantize_plus_eval']} s. {c.get('note', '')}",
         "BF16-kept linears in the fp8 variant (largest channel outlier ratio): "
         f"{', '.join(r['sensitive_linears_kept_bf16'])}.",
         f"Machine: {r['machine']['cpu']}, {r['machine']['threads']} threads; torch {r['versions']['torch']}, "
