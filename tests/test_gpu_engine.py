@@ -179,50 +179,58 @@ def test_decoder_matches_reference_numerics(tiny_checkpoints, cid, scheme, opts)
 
     src, folders = tiny_checkpoints
     ckpt = load_checkpoint(folders[cid])
-    ref = reference_decoder(ckpt, torch.bfloat16, "cpu")  # the CPU reference numerics
-    flt = load_decoder(src, torch.bfloat16).eval()  # the unquantized model: the scheme's own error
+    models = {
+        "ref": reference_decoder(ckpt, torch.bfloat16, "cpu"),  # the CPU reference numerics: the oracle
+        # control: the same reference on CUDA. Its distance to the CPU run is this tiny random model's
+        # sensitivity to bf16-level differences (GEMM/attention accumulation order), which per-token
+        # quantization amplifies (a tiny input change flips a rounding: a whole quantization step)
+        "ref_cuda": reference_decoder(ckpt, torch.bfloat16, "cuda"),
+        "flt": load_decoder(src, torch.bfloat16).eval(),  # the unquantized model: the scheme's own error
+    }
     dec = build_from_checkpoint(ckpt)
     bsz, t, steps = 2, 20, 8
     dec.allocate(bsz, 64)
     dec.decode_graph(bsz)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, TINY_HF["vocab_size"], (bsz, t), generator=gen)
-    caches = {"ref": ref.new_cache(bsz, 64), "flt": flt.new_cache(bsz, 64)}
+    dev = {"ref": "cpu", "ref_cuda": "cuda", "flt": "cpu"}
+    caches = {k: m.new_cache(bsz, 64) for k, m in models.items()}
+    errs: dict[str, list[float]] = {"gpu": [], "ref_cuda": [], "flt": []}
+    agree = 0
     with torch.inference_mode():
-        want = ref(prompt, caches["ref"], 0, last_only=True)[:, -1]
-        fl = flt(prompt, caches["flt"], 0, last_only=True)[:, -1]
-        got = dec.prefill(prompt.cuda()).cpu()
-        errs, scheme_errs = [rel(got, want)], [rel(want, fl)]
-        agree = [int((got.argmax(-1) == want.argmax(-1)).sum())]
-        tok = want.argmax(-1)
-        for step in range(steps):
-            pos = torch.full((bsz,), t + step, dtype=torch.int32, device="cuda")
-            got = dec.decode(tok.cuda(), pos).cpu()
-            want = ref(tok[:, None], caches["ref"], t + step)[:, -1]
-            fl = flt(tok[:, None], caches["flt"], t + step)[:, -1]
-            errs.append(rel(got, want))
-            scheme_errs.append(rel(want, fl))
-            agree.append(int((got.argmax(-1) == want.argmax(-1)).sum()))
-            tok = want.argmax(-1)  # both follow the reference's greedy tokens
+        tok = None
+        for step in range(steps + 1):
+            if step == 0:
+                outs = {k: m(prompt.to(dev[k]), caches[k], 0, last_only=True)[:, -1].cpu() for k, m in models.items()}
+                got = dec.prefill(prompt.cuda()).cpu()
+            else:
+                p = t + step - 1
+                outs = {k: m(tok[:, None].to(dev[k]), caches[k], p)[:, -1].cpu() for k, m in models.items()}
+                got = dec.decode(tok.cuda(), torch.full((bsz,), p, dtype=torch.int32, device="cuda")).cpu()
+            want = outs["ref"]
+            errs["gpu"].append(rel(got, want))
+            errs["ref_cuda"].append(rel(outs["ref_cuda"], want))
+            errs["flt"].append(rel(want, outs["flt"]))
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            tok = want.argmax(-1)  # every model follows the reference's greedy tokens
+    worst = {k: max(v) for k, v in errs.items()}
     if RECORD:
         with open(RECORD, "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "case": cid,
-                        "gpu_vs_reference_max": max(errs),
-                        "gpu_vs_reference": errs,
-                        "reference_vs_float_max": max(scheme_errs),
-                        "argmax_agree": sum(agree),
-                        "of": bsz * (steps + 1),
-                    }
-                )
-                + "\n"
-            )
-    # bf16-level differences remain (attention's rounding points, accumulation order, cuBLAS vs CPU GEMMs);
-    # a wrong rounding mode, scale or KV treatment shows as errors of the scheme's own size (see RECORD)
-    assert max(errs) < 2.5e-2, errs
-    assert sum(agree) >= bsz * (steps + 1) - 1, agree
+            rec = {
+                "case": cid,
+                "gpu_vs_reference_max": worst["gpu"],
+                "reference_cuda_vs_cpu_max": worst["ref_cuda"],
+                "reference_vs_float_max": worst["flt"],
+                "argmax_agree": agree,
+                "of": bsz * (steps + 1),
+                "gpu_vs_reference": errs["gpu"],
+                "reference_cuda_vs_cpu": errs["ref_cuda"],
+            }
+            f.write(json.dumps(rec) + "\n")
+    # the engine may differ from the CPU reference by about as much as the reference itself differs
+    # between CPU and CUDA; a wrong rounding mode, scale or KV treatment is a systematic error well above
+    assert worst["gpu"] < 2.0 * worst["ref_cuda"] + 0.01, worst
+    assert agree >= bsz * (steps + 1) - 2, agree
 
 
 @cuda_only

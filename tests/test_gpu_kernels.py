@@ -198,3 +198,34 @@ def test_decode_attention(kv_dtype, h, kv, d):
         p = torch.softmax((qh[b, :, None] @ kk.transpose(1, 2)) / d**0.5, -1)
         ref = (p @ vv)[:, 0].reshape(-1)
         assert rel(out[b], ref) < 2e-2, b
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, pytest.param(FP8, marks=[needs_fp8, fp8_cuda_only])])
+def test_act_quant_bitwise_vs_quant_reference(qdtype):
+    """Per-token quantization is bit-exact with quant.reference (scale, round half to even, clamp, e4m3 cast)."""
+    from quant.reference import quantize_per_token_fp8, quantize_per_token_int8
+
+    torch.manual_seed(6)
+    m, k = (4, 128) if not CUDA else (64, 4096)
+    x = (torch.randn(m, k) * 3).bfloat16()
+    x[0, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])  # scale 1: exact ties, which round to even
+    x[1] = 0.0  # an all-zero row: the reference's eps
+    ref_q, ref_s = (quantize_per_token_int8 if qdtype == torch.int8 else quantize_per_token_fp8)(x)
+    q, s = norm_quant(x.to(DEV), None, qdtype=qdtype)
+    assert torch.equal(s.cpu(), ref_s.reshape(-1))
+    assert torch.equal(q.cpu().float(), ref_q.float())
+
+
+@pytest.mark.parametrize("act", ["int", pytest.param("float", marks=[needs_fp8, fp8_cuda_only])])
+def test_w8a8_linear_vs_quant_reference(act):
+    """Activation quantization + GEMM with fused dequant against quant.reference.QuantLinearRef."""
+    from quant.reference import QuantLinearRef, quantize_weight
+
+    torch.manual_seed(7)
+    m, n, k = (3, 48, 64) if not CUDA else (5, 1024, 4096)
+    x = torch.randn(m, k).bfloat16()
+    wq, ws = quantize_weight(torch.randn(n, k) * 0.05, act)
+    ref = QuantLinearRef(wq, ws, act)(x)
+    q, s = norm_quant(x.to(DEV), None, qdtype=torch.int8 if act == "int" else FP8)
+    out = gemm(q, s, wq.to(DEV), ws.to(DEV), out_dtype=torch.bfloat16)
+    assert rel(out, ref) < 4e-3  # bf16 output rounding (and fp32 summation order) only
