@@ -61,8 +61,8 @@ def _layer_tensors(src: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tens
     return {k[len(p):]: v.float() for k, v in src.items() if k.startswith(p)}
 
 
-def auto_alphas(model: Decoder, cfg: DecoderConfig, src: dict[str, torch.Tensor], stats: Stats, samples: torch.Tensor,
-                scheme: Scheme, qc: QuantizeConfig, progress: bool) -> dict[int, dict[str, float]]:
+def auto_alphas(model: Decoder, cfg: DecoderConfig, stats: Stats, samples: torch.Tensor, scheme: Scheme,
+                qc: QuantizeConfig, progress: bool) -> dict[int, dict[str, float]]:
     """Per layer and mapping, the grid alpha with the lowest quantized-block error on calibration tokens."""
     gen = torch.Generator().manual_seed(0)
     firsts = [m.linears[0] for m in MAPPINGS]
@@ -86,8 +86,8 @@ def auto_alphas(model: Decoder, cfg: DecoderConfig, src: dict[str, torch.Tensor]
             x = torch.cat(parts)
             pick = torch.randperm(x.shape[0], generator=gen)[: qc.search_tokens]
             inputs[s] = x[pick].float()
-        out[i], _ = search_layer(cfg, i, _layer_tensors(src, i), stats, inputs, scheme.activation_type,
-                                 scheme.static_activations)
+        weights = {k: v.float() for k, v in layer.state_dict().items()}  # the model's own (BF16) weights
+        out[i], _ = search_layer(cfg, i, weights, stats, inputs, scheme.activation_type, scheme.static_activations)
     return out
 
 
@@ -97,7 +97,6 @@ def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path
     t0 = time.perf_counter()
     folder = resolve(qc.model)
     cfg = DecoderConfig.from_file(folder / "config.json")
-    src = read_tensors(folder)
     keep = [n for n in qc.keep_bf16]
     bad = sorted(set(keep) - {f"model.layers.{i}.{s}" for i in range(cfg.num_layers) for s in LINEAR_SUFFIXES})
     if bad:
@@ -116,13 +115,13 @@ def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path
         info["calibration"] = {"data": qc.data, "samples": qc.samples, "seq_len": qc.seq_len,
                                "stats_key": stats.meta.get("key"), "stats_cache_hit": hit}
         if qc.smoothing and qc.alpha == "auto":
-            alphas = auto_alphas(model, cfg, src, stats, samples[: qc.search_samples], scheme, qc, progress)
-        del model
+            alphas = auto_alphas(model, cfg, stats, samples[: qc.search_samples], scheme, qc, progress)
+        del model  # one copy of the weights at a time: the calibration model, then the tensors to quantize
     if qc.smoothing and alphas is None:
         alphas = {i: {m.key: float(qc.alpha) for m in MAPPINGS} for i in range(cfg.num_layers)}
     info["alpha"] = qc.alpha if qc.smoothing else 0.0 if scheme.activation_type else None
     info["alphas"] = {str(i): a for i, a in alphas.items()} if alphas else None
-    tensors = quantize_tensors(cfg, src, scheme, stats, alphas, set(keep))
+    tensors = quantize_tensors(cfg, read_tensors(folder), scheme, stats, alphas, set(keep))
     info["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     return save_checkpoint(out, tensors, folder, scheme, keep, info)
 
