@@ -23,7 +23,7 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # llama.cpp, the CPU peer, lives in its own venv: llama-cpp-python compiles from source (~10 min).
 .venv-llama/bin/python:

@@ -6,6 +6,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton kernels are tested in its interpreter here; the switch must be set before any module
+    # (the app, the GPU engine) first imports gpu_backend.kernels, or their @jit functions are compiled
+    # for a GPU that is not there.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.manual_seed(0)
 
 
