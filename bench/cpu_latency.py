@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results  # noqa: E402
-from cpu_backend.engine import CPUEngine  # noqa: E402
+from cpu_backend.engine import CPUEngine, pack_bf16  # noqa: E402
 from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, PackedBF16Linear, fuse_int8  # noqa: E402
 from cpu_backend.threads import configure_threads  # noqa: E402
 from models.backend import SamplingParams  # noqa: E402
@@ -197,19 +197,16 @@ def random_decoder(scheme: str) -> tuple[Decoder, int]:
     from models.decoder import rope_inv_freq
 
     model.inv_freq = rope_inv_freq(cfg)
-    weight_bytes = 0
+    weight_bytes = sum(model.get_submodule(n).weight.numel() for n in model.linear_names())
+    weight_bytes = weight_bytes * (2 if scheme == "bf16" else 1) + model.lm_head.weight.numel() * 2
+    if scheme == "bf16":
+        pack_bf16(model)
+        return model.eval(), weight_bytes
     for name in model.linear_names():
-        w = model.get_submodule(name).weight
-        if scheme == "bf16":
-            module = PackedBF16Linear(w)
-        else:
-            q, s = quantize_weight(w.float(), "int")
-            module = Int8WeightOnlyLinear(q, s) if scheme == "w8a16-int8" else Int8Linear(q, s)
-        weight_bytes += w.numel() * (2 if scheme == "bf16" else 1)
-        model.replace_linear(name, module)
-    model.fuse_projections(PackedBF16Linear.fused if scheme == "bf16" else fuse_int8)
+        q, s = quantize_weight(model.get_submodule(name).weight.float(), "int")
+        model.replace_linear(name, Int8WeightOnlyLinear(q, s) if scheme == "w8a16-int8" else Int8Linear(q, s))
+    model.fuse_projections(fuse_int8)
     model.lm_head = PackedBF16Linear.from_linear(model.lm_head)
-    weight_bytes += model.lm_head.out_features * model.lm_head.in_features * 2
     return model.eval(), weight_bytes
 
 
@@ -244,14 +241,14 @@ def kernel_log(threads: int) -> str:
         counts = collections.Counter()
         for line in out.stdout.splitlines():
             f = line.split(",")
-            if len(f) > 9 and f[2] == "primitive" and f[3] == "exec" and f[5] == "matmul":
+            if len(f) > 9 and f[2] == "primitive" and f[3] == "exec" and f[5] in ("matmul", "inner_product"):
                 src = f[8].split()[0].split(":")[1] if f[8] else "?"
                 wei = f[8].split()[1].split(":")[1] if len(f[8].split()) > 1 else "?"
-                counts[(f[6], f"{src} x {wei}")] += 1
+                counts[(f"{f[5]}: {f[6]}", f"{src} x {wei}")] += 1
         lines += [f"## {scheme}", "", "| implementation | src x weights | calls |", "|---|---|---|"]
         lines += [f"| {impl} | {types} | {n} |" for (impl, types), n in counts.most_common()]
         if not counts:
-            lines.append("| (no oneDNN matmul: other kernels) | | |")
+            lines.append("| (no oneDNN matmul/inner product: ATen kernels) | | |")
         lines.append("")
     return "\n".join(lines)
 
