@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, PackedBF16Linear, fuse_int8
 from cpu_backend.threads import configure_threads
-from models.backend import Backend, RequestError, SamplingParams, TokenEvent
+from models.backend import RequestError
 from models.chat import load_tokenizer
 from models.decoder import Decoder
-from models.generate import Generator
+from models.generate import Generator, GeneratorBackend
 from models.registry import resolve
 from models.weights import load_decoder
 
@@ -22,7 +20,7 @@ NOT_ON_CPU = {"w8a8-fp8": "FP8 has no CPU kernels here; it runs on the GPU backe
 MAX_CONTEXT = 8192
 
 
-class CPUEngine(Backend):
+class CPUEngine(GeneratorBackend):
     name = "cpu"
     SCHEMES = CPU_SCHEMES
 
@@ -59,19 +57,6 @@ class CPUEngine(Backend):
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return True, ""
-
-    @property
-    def scheme(self) -> str:
-        return self._scheme
-
-    @property
-    def context_length(self) -> int:
-        return self.generator.max_len
-
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
-    ) -> Iterator[TokenEvent]:
-        return self.generator.generate(prompt_ids, params, cancel)
 
 
 def build_checkpoint(model: str, scheme: str) -> Path:

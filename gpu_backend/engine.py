@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,10 +10,10 @@ import torch
 from gpu_backend import availability, kv_options_for, schemes_for
 from gpu_backend.model import GPUDecoder
 from gpu_backend.weights import build_decoder, build_from_checkpoint, canonical_scheme, load_quantized_linears
-from models.backend import Backend, RequestError, SamplingParams, TokenEvent
+from models.backend import RequestError
 from models.chat import load_tokenizer
 from models.config import DecoderConfig
-from models.generate import Generator
+from models.generate import Generator, GeneratorBackend
 from models.registry import resolve
 
 MAX_CONTEXT = 8192
@@ -61,7 +60,7 @@ class GraphGenerator(Generator):
         return self.model.decode(self._tok, self._pos)[0]
 
 
-class GPUEngine(Backend):
+class GPUEngine(GeneratorBackend):
     name = "gpu"
     # quant's scheme names (the checkpoints the CPU backend loads too); what this GPU runs: supported_schemes()
     SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8", "w8a8-fp8")
@@ -103,16 +102,3 @@ class GPUEngine(Backend):
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return availability()
-
-    @property
-    def scheme(self) -> str:
-        return self._scheme
-
-    @property
-    def context_length(self) -> int:
-        return self.generator.max_len
-
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
-    ) -> Iterator[TokenEvent]:
-        return self.generator.generate(prompt_ids, params, cancel)

