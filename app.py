@@ -21,7 +21,15 @@ import pandas as pd
 
 from models.backend import SamplingParams
 from models.registry import DEFAULT_MODEL
-from service import BACKENDS, ChatService, ChatSettings, ChatUpdate, backend_availability, backend_schemes
+from service import (
+    BACKENDS,
+    ChatService,
+    ChatSettings,
+    ChatUpdate,
+    backend_availability,
+    backend_class,
+    backend_schemes,
+)
 from startup import Step, Warmup
 
 log = logging.getLogger("q8chat")
@@ -291,8 +299,15 @@ def startup_status():
     return gr.update(value=text, visible=bool(text)), gr.Timer(active=warmup.status()["state"] == "loading")
 
 
+def engine_capacity() -> int:
+    """Chats the queue runs at once: every chat event shares the "engine" concurrency group, so the smallest
+    capacity (Backend.CAPACITY) of the backends this machine offers."""
+    return min(backend_class(name).CAPACITY for name in BACKENDS if backend_availability(name)[0])
+
+
 def build_ui() -> gr.Blocks:
     choices, notes = backend_choices()
+    capacity = engine_capacity()
     with gr.Blocks(title="q8chat") as demo:
         with gr.Sidebar(open=True):
             gr.Markdown("### q8chat\nQuantized LLM chat on CPU and GPU.")
@@ -326,16 +341,18 @@ def build_ui() -> gr.Blocks:
                     stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                 status = gr.Markdown(elem_id="status")
             with gr.Tab("Compare", id="compare", elem_id="compare-tab"):
-                compare_parts = build_compare(model, system)
+                compare_parts = build_compare(model, system, capacity)
 
         inputs = [box, chatbot, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed]
         outputs = [chatbot, box, status]
         for trigger in (box.submit, send.click):
-            trigger(respond, inputs, outputs, concurrency_limit=1, concurrency_id="engine", api_visibility="private")
+            trigger(
+                respond, inputs, outputs, concurrency_limit=capacity, concurrency_id="engine", api_visibility="private"
+            )
         stop_btn.click(stop, None, None, queue=False, api_visibility="private")
         compare_parts["stop"].click(stop, None, None, queue=False, api_visibility="private")
         backend.change(on_backend_change, backend, [backend, scheme], api_visibility="private")
-        gr.api(chat_api, api_name="chat", concurrency_limit=1, concurrency_id="engine")
+        gr.api(chat_api, api_name="chat", concurrency_limit=capacity, concurrency_id="engine")
 
         timer = gr.Timer(1.0, active=warmup.status()["state"] == "loading")
         timer.tick(startup_status, None, [loading, timer], queue=False, api_visibility="private")
@@ -343,7 +360,7 @@ def build_ui() -> gr.Blocks:
     return demo
 
 
-def build_compare(model: gr.Dropdown, system: gr.Textbox) -> dict:
+def build_compare(model: gr.Dropdown, system: gr.Textbox, capacity: int = 1) -> dict:
     gr.Markdown(
         "Send one prompt to every chosen backend in turn (greedy decoding, so the answers are comparable) and "
         "compare time to first token, ms per output token and tokens/s. Every run of this session is kept "
@@ -419,7 +436,7 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox) -> dict:
         compare,
         [prompt, chosen, model, system, max_new, schemes_state, rows],
         [*answers, *bars, timeline, rows, download],
-        concurrency_limit=1,
+        concurrency_limit=capacity,
         concurrency_id="engine",
         api_visibility="private",
     )
@@ -511,6 +528,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--no-preload", action="store_true", help="load models on the first request, not at start")
     parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        help="a folder (or .gguf file) the Model box may load from, besides the cache (repeatable; adds to "
+        "$Q8CHAT_MODEL_DIRS); other paths are refused",
+    )
+    parser.add_argument(
         "--build-schemes",
         default=os.environ.get("Q8CHAT_BUILD_SCHEMES", "auto"),
         help="quantized checkpoints to build at start on a GPU machine: auto (all the GPU runs), none, or a list",
@@ -527,6 +551,10 @@ def main(argv: list[str] | None = None) -> None:
         help="name of the environment variable holding its API key (the key never goes on the command line)",
     )
     args = parser.parse_args(argv)
+    from models.registry import allow_model_dir
+
+    for folder in args.model_dir:
+        allow_model_dir(folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from remote_backend.engine import configure
 

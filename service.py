@@ -87,6 +87,15 @@ class ChatService:
         key = (model, scheme)
         with self._load_lock:
             if self._keys.get(backend) != key:
+                if backend != "remote":  # local engines read the weights into this machine's memory: check first
+                    from models.registry import GIB, available_memory_bytes, estimate_load_bytes
+
+                    need, free = estimate_load_bytes(model, scheme), available_memory_bytes()
+                    if free is not None and need > free:
+                        raise RequestError(
+                            f"not enough memory to load {model!r} ({scheme}): it needs about {need / GIB:.2f} GiB "
+                            f"and {free / GIB:.2f} GiB are available; the previous model keeps serving"
+                        )
                 try:
                     engine = backend_class(backend)(model, scheme)
                 except MemoryError as e:

@@ -8,8 +8,9 @@ GPU engine as the candidate (perplexity of both, argmax agreement, KL). Inputs a
 model package and the text are (``--prepare``): checkpoint folders (``quant.build``), the eval windows and
 the prompt ids, so the device needs no tokenizer run and no data package.
 
-    python bench/gpu_embedded.py --prepare DIR             # here: writes DIR/{windows.pt, prompt.json}
-    python bench/gpu_embedded.py --run DIR --out OUT       # device: DIR holds windows.pt, prompt.json, ckpt-*/
+    python bench/gpu_embedded.py --prepare DIR             # here: writes DIR/{windows.safetensors, prompt.json}
+    python bench/gpu_embedded.py --run DIR --out OUT       # device: DIR holds windows.safetensors, prompt.json,
+                                                           # ckpt-*/
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8", "w8a8-fp8")
 QUESTION = "What is the capital of France?"
@@ -38,7 +40,7 @@ def prepare(out: Path, windows: int, window: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(resolve(DEFAULT_MODEL))
-    torch.save(eval_windows(tok, windows, window), out / "windows.pt")
+    save_file({"windows": eval_windows(tok, windows, window).contiguous()}, out / "windows.safetensors")
     ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     (out / "prompt.json").write_text(json.dumps({"question": QUESTION, "ids": list(map(int, ids))}))
@@ -151,7 +153,7 @@ def run(src: Path, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(16, torch.get_num_threads()))
-    windows = torch.load(src / "windows.pt")
+    windows = load_file(src / "windows.safetensors")["windows"]  # safetensors: nothing is unpickled
     prompt = json.loads((src / "prompt.json").read_text())
     ids = prompt["ids"]
     res = {

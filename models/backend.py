@@ -82,6 +82,7 @@ class Backend(ABC):
 
     name: str = "?"
     SCHEMES: tuple[str, ...] = ("bf16",)
+    CAPACITY: int = 1  # generations one loaded engine runs at once (a Generator serializes on its lock: 1)
     tokenizer: object
 
     @classmethod

