@@ -87,6 +87,9 @@ class ChatService:
         key = (model, scheme)
         with self._load_lock:
             if self._keys.get(backend) != key:
+                from models.runtime import bound_kernel_caches
+
+                bound_kernel_caches()  # before a model first runs: per-shape kernel caches stay small (soak)
                 if backend != "remote":  # local engines read the weights into this machine's memory: check first
                     from models.registry import GIB, available_memory_bytes, estimate_load_bytes
 

@@ -8,6 +8,7 @@ truncation keeps working: once the history exceeds the context, every turn drops
 answer's room.
 
     python bench/soak.py [--turns 200] [--warmup 10] [--max-context 512] [--max-new-tokens 32] [--threads N]
+                         [--kernel-cache 32 (0: oneDNN's default, 1024 kernels per shape)] [--name soak]
 
 Writes bench/results/soak.{json,md} (machine, versions, settings, a row every --every turns, the summary).
 tests/test_soak.py runs a bounded version (30 turns).
@@ -28,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.backend import SamplingParams  # noqa: E402
 from models.registry import DEFAULT_MODEL  # noqa: E402
+from models.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches  # noqa: E402
 from service import ChatService, ChatSettings  # noqa: E402
 
 MIB = 1 << 20
@@ -65,10 +67,12 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
-def make_service(max_context: int, threads: int | None) -> ChatService:
+def make_service(max_context: int, threads: int | None, kernel_cache: int = KERNEL_CACHE_CAPACITY) -> ChatService:
     """A ChatService whose CPU engine has a short context, so the history outgrows it within a few turns."""
     from cpu_backend.engine import CPUEngine
 
+    if kernel_cache:  # what ChatService.engine() does before building an engine (0: the libraries' default)
+        bound_kernel_caches(kernel_cache)
     service = ChatService()
     engine = CPUEngine(DEFAULT_MODEL, "bf16", threads=threads, max_context=max_context)
     # ChatService.engine() builds engines with the default context; put the short-context one in its place.
@@ -83,11 +87,12 @@ def run_soak(
     max_new_tokens: int = 32,
     threads: int | None = None,
     progress: bool = True,
+    kernel_cache: int = KERNEL_CACHE_CAPACITY,
 ) -> dict:
     """Run the conversation; return per-turn records and the summary (growth, truncation checks)."""
     if not 1 <= warmup < turns:
         raise ValueError(f"warm-up ({warmup}) must be at least 1 and below the number of turns ({turns})")
-    service = make_service(max_context, threads)
+    service = make_service(max_context, threads, kernel_cache)
     settings = ChatSettings("cpu", DEFAULT_MODEL, "bf16", "", SamplingParams(max_new_tokens=max_new_tokens))
     budget = service.engine("cpu", DEFAULT_MODEL, "bf16").context_length - max_new_tokens
     history: list[dict[str, str]] = []
@@ -164,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--kernel-cache",
+        type=int,
+        default=KERNEL_CACHE_CAPACITY,
+        help="oneDNN/ideep per-shape kernel cache capacity, as the service sets it; 0 = the libraries' default (1024)",
+    )
     p.add_argument("--every", type=int, default=10, help="a table row every N turns")
     p.add_argument("--name", default="soak", help="results file name under bench/results")
     args = p.parse_args(argv)
@@ -172,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from cpu_backend.threads import configure_threads
 
     threads = configure_threads(args.threads)
-    result = run_soak(args.turns, args.warmup, args.max_context, args.max_new_tokens, threads)
+    result = run_soak(args.turns, args.warmup, args.max_context, args.max_new_tokens, threads, True, args.kernel_cache)
     s = result["summary"]
     rows = [r for r in result["records"] if r["turn"] == 1 or r["turn"] % args.every == 0 or r["turn"] == args.warmup]
     meta = {
@@ -181,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions("torch", "transformers"),
         "model": DEFAULT_MODEL,
         "scheme": "bf16",
-        "settings": {k: getattr(args, k) for k in ("turns", "warmup", "max_context", "max_new_tokens")},
+        "settings": {k: getattr(args, k) for k in ("turns", "warmup", "max_context", "max_new_tokens", "kernel_cache")},
+        "kernel_cache_env": {name: os.environ.get(name) for name in CACHE_VARIABLES},
         "wall_s": round(result["wall_s"], 1),
         "summary": s,
     }

@@ -1,7 +1,12 @@
 """Long sessions: a bounded run of bench/soak.py (30 turns, a 256-token context so truncation starts early).
 The full 200-turn run is bench/results/soak.json."""
 
+import os
+
 from bench.soak import MAX_GROWTH_PCT, run_soak, summarize
+from models.registry import DEFAULT_MODEL
+from models.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
+from service import ChatService
 
 
 def test_thirty_turns_keep_memory_flat_and_truncation_working(embedded_folder):
@@ -34,3 +39,16 @@ def test_the_soak_checks_can_fail():
     assert not summarize(too_long, 10, 200)["truncation_ok"]
     everything = [record(t, 1000, max(0, t - 1)) for t in range(1, 31)]  # drops all history: no context kept
     assert not summarize(everything, 10, 200)["truncation_ok"]
+
+
+def test_the_service_caps_the_kernel_caches_before_it_builds_an_engine(embedded_folder, monkeypatch):
+    """Without the cap, oneDNN/ideep keep kernels for every prompt length seen: +3 MB per new length
+    (bench/results/soak_uncapped.json: +8.4% RSS over 200 turns)."""
+    for name in CACHE_VARIABLES:
+        monkeypatch.setenv(name, "unset")  # so that monkeypatch restores the variable's absence afterwards
+        monkeypatch.delenv(name)
+    ChatService().engine("cpu", DEFAULT_MODEL, "bf16")
+    assert [os.environ.get(name) for name in CACHE_VARIABLES] == [str(KERNEL_CACHE_CAPACITY)] * 2
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # an operator's own value wins
+    bound_kernel_caches()
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
