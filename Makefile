@@ -21,9 +21,9 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 run: $(VENV)/.runtime
 	$(PY) app.py $(ARGS)
 
-test: $(VENV)/.test
+test: $(VENV)/.test venv-openvino venv-ipex
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	Q8CHAT_REQUIRE_INTEL=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # llama.cpp, the CPU peer, lives in its own venv: llama-cpp-python compiles from source (~10 min).
 .venv-llama/bin/python:
@@ -36,8 +36,8 @@ bench-cpu: $(VENV)/.runtime .venv-llama/bin/python
 clean:
 	rm -rf $(VENV) .venv-llama
 
-# The Intel engines (issue #6, in progress) each need their own venv: IPEX pins torch 2.8 and
-# transformers 4.51, optimum-intel pins transformers < 5.6. Built once into the q8chat cache, keyed by
-# the requirements file's hash (`.venv-NAME` links to it), so a rebuild happens only when the pins change.
-venv-%: requirements-%.txt
+# The Intel engines each run in their own venv (cpu_backend/intel.py starts a worker there): IPEX pins
+# torch 2.8 and transformers 4.51, optimum-intel pins transformers < 5.6. Built once into the q8chat cache,
+# keyed by the requirements file's hash (`.venv-NAME` links to it): a rebuild happens only when pins change.
+venv-ipex venv-openvino: venv-%: requirements-%.txt
 	bash scripts/cached_venv.sh $*

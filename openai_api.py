@@ -31,7 +31,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from models.backend import SamplingParams
 from models.registry import DEFAULT_MODEL, ModelNotFoundError
-from service import BACKENDS, ChatService, ChatSettings, ChatUpdate, backend_availability, backend_schemes
+from service import (
+    BACKENDS,
+    ChatService,
+    ChatSettings,
+    ChatUpdate,
+    backend_availability,
+    backend_schemes,
+    default_backend,
+)
 from startup import NotReadyError, Warmup
 
 log = logging.getLogger("q8chat")
@@ -73,7 +81,7 @@ def error_for(e: Exception) -> APIError:
 
 def model_ids(remote_model: str | None = None) -> list[tuple[str, str, str, str]]:
     """(id, model, backend, scheme) for what this server can run now."""
-    ids = [(DEFAULT_MODEL, DEFAULT_MODEL, "cpu", "bf16")]
+    ids = [(DEFAULT_MODEL, DEFAULT_MODEL, default_backend(), "bf16")]
     for backend in BACKENDS:
         if not backend_availability(backend)[0]:
             continue
@@ -91,7 +99,7 @@ def parse_model(model: object, backend: object, scheme: object) -> tuple[str, st
         backend, scheme = backend or b, scheme or s or None
     if backend is not None and backend not in BACKENDS:
         raise APIError(400, f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}", param="backend")
-    backend = backend or "cpu"
+    backend = backend or default_backend()
     if scheme is not None and not isinstance(scheme, str):
         raise APIError(400, "'scheme' must be a string", param="scheme")
     ok, reason = backend_availability(backend)

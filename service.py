@@ -6,6 +6,7 @@ The Gradio page and the HTTP API call this; it never touches tensors itself.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,28 @@ from models.registry import DEFAULT_MODEL
 
 log = logging.getLogger("q8chat")
 
-BACKENDS = ("cpu", "gpu", "remote")
+BACKENDS = ("cpu", "openvino", "ipex", "gpu", "remote")
+# How the app names them; IPEX is legacy and opt-in (archived upstream with a security notice).
+BACKEND_LABELS = {"openvino": "OpenVINO", "ipex": "IPEX (legacy)"}
+
+
+def backend_label(name: str) -> str:
+    return BACKEND_LABELS.get(name, name.upper())
+
+
+# The default engine follows the measurement among maintained engines (bench/results/cpu_latency.md; IPEX is
+# legacy and never the default): OpenVINO decodes faster than our engine there, so it is the default wherever
+# its venv is built; otherwise our CPU engine. Q8CHAT_BACKEND overrides.
+DEFAULT_ORDER = ("openvino", "cpu")
+
+
+def default_backend() -> str:
+    chosen = os.environ.get("Q8CHAT_BACKEND", "").strip()
+    if chosen:
+        if chosen not in BACKENDS:
+            raise RequestError(f"Q8CHAT_BACKEND={chosen!r} is not a backend: choose one of {', '.join(BACKENDS)}")
+        return chosen
+    return next((name for name in DEFAULT_ORDER if backend_availability(name)[0]), "cpu")
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -32,6 +54,14 @@ def backend_class(name: str) -> type[Backend]:
         from remote_backend.engine import RemoteEngine
 
         return RemoteEngine
+    if name == "openvino":
+        from cpu_backend.intel import OpenVINOEngine
+
+        return OpenVINOEngine
+    if name == "ipex":
+        from cpu_backend.intel import IPEXEngine
+
+        return IPEXEngine
     raise RequestError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 

@@ -84,6 +84,16 @@ class Ours:
         }
 
 
+class Intel(Ours):
+    """The OpenVINO / IPEX engines (worker processes in their own venvs), timed through the same Backend API."""
+
+    def __init__(self, runtime: str, scheme: str, threads: int, prompts: dict) -> None:
+        from service import backend_class
+
+        self.key, self.prompts = (runtime, scheme), prompts
+        self.engine = backend_class(runtime)(DEFAULT_MODEL, scheme, threads=threads)
+
+
 class Stamps:
     """A transformers streamer that timestamps each new token (its first put() is the prompt)."""
 
@@ -259,7 +269,7 @@ def decode_profile(runners: list) -> str:
 
     lines = ["# CPU decode profile (torch.profiler, 20 decode steps after a 128-token prompt)", ""]
     for r in runners:
-        if not isinstance(r, Ours):
+        if type(r) is not Ours:  # the Intel engines run in other processes
             continue
         gen = r.engine.generator
         with torch.inference_mode():
@@ -284,6 +294,7 @@ def main() -> None:
         help="python of a venv with llama-cpp-python (make bench-cpu builds it); missing = skipped",
     )
     ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--no-intel", action="store_true", help="leave out the OpenVINO and IPEX engines")
     args = ap.parse_args()
     threads = configure_threads(args.threads)
     tokenizer_engine = CPUEngine(DEFAULT_MODEL, "bf16", threads=threads)
@@ -295,11 +306,21 @@ def main() -> None:
         runners += [LlamaCpp(args.llama_python, q, threads, prompts) for q in ("Q8_0", "Q4_1")]
     else:
         notes.append(f"llama.cpp skipped: no {args.llama_python} (make bench-cpu builds it)")
+    if not args.no_intel:
+        from service import backend_availability
+
+        for runtime in ("openvino", "ipex"):
+            ok, reason = backend_availability(runtime)
+            if ok:
+                runners += [Intel(runtime, s, threads, prompts) for s in SCHEMES]
+            else:
+                notes.append(f"{runtime} skipped: {reason}")
     samples: dict[tuple, list[dict]] = {r.key: [] for r in runners}
     for r in runners:  # warm-up round, not counted
         r.round()
     for i in range(args.runs):
         for r in runners:
+            time.sleep(0.5)  # the previous engine's OpenMP threads stop spinning before this one is timed
             samples[r.key].append(r.round())
             s = samples[r.key][-1]
             print(
@@ -350,6 +371,11 @@ def main() -> None:
         f"our BF16 decode TPOT = {bf16['tpot_ms'] / by[('transformers', 'bf16')]['tpot_ms']:.2f}x transformers' "
         "generate (goal <= 0.5x)",
     ]
+    for runtime in ("openvino", "ipex"):
+        if (runtime, "w8a8-int8") in by:
+            peer = by[(runtime, "w8a8-int8")]
+            notes.append(f"our W8A8-SQ TPOT / {runtime} W8A8-INT8 TPOT = {sq['tpot_ms'] / peer['tpot_ms']:.2f} "
+                         "(goal <= 1.0)")
     if ("llama.cpp", "Q8_0") in by:
         q8 = by[("llama.cpp", "Q8_0")]
         notes.append(f"W8A8-SQ TPOT / llama.cpp Q8_0 TPOT = {sq['tpot_ms'] / q8['tpot_ms']:.2f} (goal <= 1.0)")
@@ -367,6 +393,7 @@ def main() -> None:
         "threads": threads,
         "new_tokens": NEW_TOKENS,
         "versions": versions("torch", "transformers", "llama_cpp_python"),
+        "intel_engines": {r.key[0]: r.engine.info.get("versions") for r in runners if isinstance(r, Intel)},
         "llama.cpp build": "llama-cpp-python 0.3.36 from PyPI source, default CMake flags (GGML_NATIVE)",
     }
     write_results(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -33,7 +34,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the checkpoints and the cold timing (quality.cold.json) of an earlier run")
+    ap.add_argument("--intel-only", action="store_true",
+                    help="only (re)measure the OpenVINO / IPEX rows and merge them into quality.json")
     args = ap.parse_args()
+    if args.intel_only:
+        path = Path(args.out) / "quality.json"
+        result = json.loads(path.read_text())
+        e = result["evaluation"]
+        result["intel_engines"] = intel_rows(e["windows"], e["window"], args.threads)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        (Path(args.out) / "quality.md").write_text(markdown(result))
+        print(markdown(result))
+        return
 
     import compressed_tensors
     import torch
@@ -131,12 +143,53 @@ def main() -> None:
         "cold_run": json.loads(cold_file.read_text()),
         "sensitive_linears_kept_bf16": list(sensitive),
         "results": rows,
+        "intel_engines": intel_rows(args.windows, args.window, args.threads),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "quality.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def intel_rows(windows: int, window: int, threads: int) -> list[dict]:
+    """OpenVINO / IPEX engines (worker processes) on the same held-out windows: perplexity, and top-1
+    agreement with our BF16 model (the reference of the table above). Their logits stay in the worker, so no KL."""
+    import torch
+
+    from models.chat import load_tokenizer
+    from models.registry import DEFAULT_MODEL, resolve
+    from models.weights import load_decoder
+    from quant.data import eval_windows
+    from service import backend_availability, backend_class
+
+    folder = resolve(DEFAULT_MODEL)
+    tokens = eval_windows(load_tokenizer(folder), windows, window)
+    model = load_decoder(folder, torch.bfloat16)
+    top1 = []
+    with torch.inference_mode():
+        for row in tokens.split(2):
+            top1.append(model(row, model.new_cache(*row.shape), 0)[:, :-1].float().argmax(-1))
+    ref_top1, targets = torch.cat(top1), tokens[:, 1:]
+    del model
+    rows = []
+    for runtime in ("openvino", "ipex"):
+        ok, reason = backend_availability(runtime)
+        if not ok:
+            print(f"{runtime} skipped: {reason}", flush=True)
+            continue
+        for scheme in ("bf16", "w8a16-int8", "w8a8-int8"):
+            engine = backend_class(runtime)(DEFAULT_MODEL, scheme, threads=threads)
+            try:
+                nll, argmax = engine.score(tokens.tolist())
+            finally:
+                engine.close()
+            ppl = math.exp(sum(nll) / targets.numel())
+            rows.append({"engine": runtime, "scheme": scheme, "perplexity": ppl,
+                         "agreement": float((torch.tensor(argmax) == ref_top1).float().mean()),
+                         "versions": engine.info.get("versions")})
+            print(f"{runtime} {scheme}: perplexity {ppl:.3f}, agreement {rows[-1]['agreement']:.4f}", flush=True)
+    return rows
 
 
 def reusable(folder: Path, qc) -> bool:
@@ -165,11 +218,18 @@ def markdown(r: dict) -> str:
     for row in r["results"]:
         lines.append(f"| {row['variant']} | {row['perplexity']:.3f} | {row['delta_pct']:+.2f}% | "
                      f"{100 * row['agreement']:.2f}% | {row['kl']:.4f} |")
+    for row in r.get("intel_engines", []):
+        delta = 100 * (row["perplexity"] / e["bf16_perplexity"] - 1)
+        lines.append(f"| {row['engine']} {row['scheme']} | {row['perplexity']:.3f} | {delta:+.2f}% | "
+                     f"{100 * row['agreement']:.2f}% | n/a |")
     lines += [
         "",
         f"Numerics: {e['numerics']}. Cold quantize (w8a8-int8, alpha auto, statistics not cached) "
         f"{t['cold_quantize_w8a8_int8_auto']} s; with its evaluation ({c.get('windows')} windows, "
         f"{c.get('threads')} threads) {t['cold_quantize_plus_eval']} s. {c.get('note', '')}",
+        "Rows openvino / ipex: those engines (their own numerics and kernels) on the same windows; agreement is "
+        "with our BF16 model; their W8A8 runs quant.export's smoothed model (our calibration and SmoothQuant) with "
+        "static per-tensor activation scales calibrated by the runtime on 32 of our calibration samples.",
         "BF16-kept linears in the fp8 variant (largest channel outlier ratio): "
         f"{', '.join(r['sensitive_linears_kept_bf16'])}.",
         f"Machine: {r['machine']['cpu']}, {r['machine']['threads']} threads; torch {r['versions']['torch']}, "

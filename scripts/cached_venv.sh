@@ -5,7 +5,7 @@ set -euo pipefail
 name="$1"
 req="requirements-${name}.txt"
 cache="${Q8CHAT_CACHE:-$HOME/.cache/q8chat}"
-key=$( (cat "$req"; python3 --version) | sha256sum | cut -c1-16)
+key=$( (cat "$req" scripts/after-venv-"$name".sh 2>/dev/null; python3 --version) | sha256sum | cut -c1-16)
 dir="$cache/venvs/${name}-${key}"
 if [ ! -f "$dir/.complete" ]; then
     rm -rf "$dir"
