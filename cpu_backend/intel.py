@@ -174,7 +174,7 @@ class IntelWorkerEngine(Backend):
         start = time.perf_counter()
         first = last = start
         self._send(op="generate", ids=list(prompt_ids), eos=sorted(self.eos), max_new_tokens=budget,
-                   temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                   temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p, top_k=params.top_k,
                    repetition_penalty=params.repetition_penalty, seed=params.seed, ignore_eos=params.ignore_eos)
         cancel_sent = False
         try:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 MAX_NEW_TOKENS_LIMIT = 4096
+GREEDY_BELOW = 1e-4  # temperature
 
 
 class RequestError(ValueError):
@@ -23,6 +24,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures this small divide logits into inf/NaN; they mean greedy decoding anyway."""
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> SamplingParams:
         def number(name: str, value: object, kind: type) -> None:

@@ -18,7 +18,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         picked = logits[seen]
         logits = logits.clone()
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if params.temperature == 0.0:
+    if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if 0 < params.top_k < logits.numel():

@@ -1,8 +1,10 @@
 """Property-based fuzz of the chat entry points: every odd input gets a clear message, never a traceback,
 and the next normal request still works."""
 
+import json
 import math
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +28,7 @@ NUMBER = st.one_of(
     st.lists(st.integers(), max_size=2),
 )
 ANSWERED: list[str] = []
+API_ANSWERED: list[str] = []
 # valid but long generations would only slow the fuzz down: cap valid token budgets at 8
 MAX_NEW = NUMBER.map(lambda v: 8 if type(v) is int and 8 < v <= 4096 else v)
 SETTINGS = settings(max_examples=110, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -132,7 +135,72 @@ def test_sampling_validation_accepts_only_sane_values(max_new, temperature, top_
     assert 0 < top_p <= 1 and 0.5 <= rep <= 2 and (seed is None or seed >= 0)
 
 
-def test_normal_request_works_after_the_fuzz(cpu_engine):
-    assert len(ANSWERED) >= 5  # the fuzz reached the answering path, not only refusals
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+API_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "", 5]), "content": TEXT | JSONISH}
+)
+API_BODY = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["smollm2-135m", "smollm2-135m@cpu:bf16", "smollm2-135m@tpu:x", "nope", "", 3, None]),
+        "messages": st.lists(API_MESSAGE, max_size=3) | JSONISH,
+        "max_tokens": MAX_NEW,
+    },
+    optional={
+        "temperature": NUMBER, "top_p": NUMBER, "top_k": NUMBER, "seed": NUMBER, "stream": st.booleans() | NUMBER,
+        "stop": JSONISH, "n": NUMBER, "scheme": st.sampled_from(["bf16", "w8a8-fp8", "x", 1]),
+        "backend": st.sampled_from(["cpu", "gpu", "tpu", "", None]), "surprise": JSONISH,
+    },
+)
+
+USER_MESSAGE = st.fixed_dictionaries({"role": st.just("user"), "content": TEXT})
+SANE_BODY = st.fixed_dictionaries(
+    {"model": st.just("smollm2-135m"), "messages": st.lists(USER_MESSAGE, min_size=1, max_size=2),
+     "max_tokens": st.integers(1, 4)},
+    optional={"temperature": st.floats(0, 2), "stream": st.booleans(), "seed": st.integers(0, 99)},
+)
+
+
+@pytest.fixture(scope="module")
+def api(cpu_engine):
+    """The OpenAI-compatible API in process, on the app's service (the loaded CPU engine)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from openai_api import create_router
+    from startup import Warmup
+
+    server = FastAPI()
+    server.include_router(create_router(app.service, Warmup()))
+    with TestClient(server, raise_server_exceptions=False) as http:
+        yield http
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=SANE_BODY | API_BODY | JSONISH, raw=st.none() | st.none() | st.binary(max_size=64))
+def test_openai_api_answers_or_refuses_in_openai_form(api, body, raw):
+    content = raw if raw is not None else json.dumps(body)  # NaN / Infinity too, as a careless client sends them
+    r = api.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code in (200, 400, 404, 503), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        error = r.json()["error"]
+        assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert r.text.rstrip().endswith("data: [DONE]")
+        API_ANSWERED.append(content[:50])
+    else:
+        assert isinstance(r.json()["choices"][0]["message"]["content"], str)
+        API_ANSWERED.append(content[:50])
+
+
+def test_normal_request_works_after_the_fuzz(cpu_engine, api):
+    assert len(ANSWERED) >= 5 and len(API_ANSWERED) >= 5  # the fuzz reached the answering path, not only refusals
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    r = api.post("/v1/chat/completions",
+                 json={"model": "smollm2-135m", "max_tokens": 16, "temperature": 0, "messages": question})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
     *_, update = app.service.chat("What is the capital of France?", [], ChatSettings(sampling=SamplingParams(32)))
     assert "Paris" in update.text and update.done

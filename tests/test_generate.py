@@ -105,6 +105,14 @@ def test_sampler_rules():
     assert sample(logits, penalised, torch.tensor([1]), None) == 2
 
 
+def test_tiny_temperature_is_greedy_not_nan():
+    # found by the API fuzz: logits / 7e-59 overflowed to inf, softmax gave NaN, multinomial raised
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    for t in (7e-59, 1e-6, 5e-5):
+        assert sample(logits, SamplingParams(temperature=t, seed=1), None, torch.Generator().manual_seed(1)) == 1
+    assert SamplingParams(temperature=0.01).greedy is False
+
+
 def test_text_stream_never_splits_characters(cpu_engine):
     tok = cpu_engine.tokenizer
     text = "Crème brûlée 🍮 costs 5€ — 日本語 too."
