@@ -229,6 +229,7 @@ def main() -> None:
         "models": {},
     }
     log(f"{res['device']} sm{res['capability']} copy bandwidth {bw:.0f} GB/s")
+    res["gemv_sweep"] = gemv_sweep()
     res["kernels"] = kernel_table(bw)
     models = [("smollm2-135m-shape", SMOLLM2)] + ([] if args.quick else [("llama3-8b-shape", LLAMA3_8B)])
     for name, cd in models:
@@ -262,6 +263,45 @@ def main() -> None:
     tiles = {res["device"]: {k: list(v) for k, v in sorted(gemm_mod.tune_cache.items())}}
     (out / "gpu_tiles.json").write_text(json.dumps(tiles, indent=0))
     log(markdown(res))
+
+
+def gemv_sweep() -> list[dict]:
+    """Every GEMV (decode) candidate at M = 1 on the 8B shapes: weight GB/s per config (the tuner's view)."""
+    from gpu_backend.kernels import gemm as G
+
+    rows = []
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        w8, s8 = quantize_weight(wb, torch.int8)
+        wf, sf = quantize_weight(wb, torch.float8_e4m3fn)
+        a = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        sa = torch.rand(1, device="cuda") + 0.5
+        out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+        kinds = {
+            "fp8": ((a.to(torch.float8_e4m3fn), sa, wf, sf)),
+            "int8": (((a * 20).round().clamp(-127, 127).to(torch.int8), sa, w8, s8)),
+            "w8a16": ((a, None, w8, s8)),
+        }
+        for kind, (x, xs, w, ws) in kinds.items():
+            best = None
+            for cfg in G.GEMV_CANDIDATES:
+                try:
+                    t = triton.testing.do_bench(
+                        lambda: G._launch(x, xs, w, ws, None, out, cfg), warmup=10, rep=40, return_mode="median"
+                    )
+                except Exception as e:  # noqa: BLE001
+                    log(f"  gemv {cfg} failed: {e!r}"[:200])
+                    continue
+                gbps = n * k / (t * 1e-3) / 1e9
+                rows.append({"n": n, "k": k, "kind": kind, "cfg": list(cfg), "us": t * 1000, "weight_GBps": gbps})
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            if best:
+                log(
+                    f"  gemv {kind:5s} N={n:5d} K={k:5d} best {best[1]} {best[0] * 1000:.1f} us "
+                    f"{n * k / (best[0] * 1e-3) / 1e9:.0f} GB/s"
+                )
+    return rows
 
 
 def kernel_table(bw: float) -> list[dict]:

@@ -105,6 +105,65 @@ def _gemm_kernel(
         tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _gemv_kernel(
+    a_ptr,
+    a_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_cm,
+    A_SCALED: tl.constexpr,
+    INT_ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Weight streaming for decode (M <= GEMV_M): each program owns BLOCK_N weight rows and loops over all
+    of K with wide contiguous loads; no tensor cores (M is tiny), no split-K, so no zeroed output, no
+    atomics and no memset node in the CUDA graph. Products are formed in registers ([BLOCK_M, BLOCK_N,
+    BLOCK_K] broadcast) and reduced over K every step."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K], K contiguous
+    ACC: tl.constexpr = tl.int32 if INT_ACC else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            kmask = rk < K - k0
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
+        prod = a.to(ACC)[:, None, :] * w.to(ACC)[None, :, :]
+        acc += tl.sum(prod, axis=2)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    c = acc.to(tl.float32) * tl.load(w_scale_ptr + rn_c)[None, :]
+    if A_SCALED:
+        c = c * tl.load(a_scale_ptr + rm_c)[:, None]
+    if HAS_BIAS:
+        c = c + tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_M is raised to cover M when small.
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SPLIT_K).
 # Small M: the weight tile must dwarf the (redundant, L2-resident) activation tile, so BLOCK_M = 16 and
@@ -119,17 +178,79 @@ LARGE_M_CANDIDATES = [
     (64, 128, 128, 8, 4, 4, 1),
     (128, 128, 64, 8, 4, 4, 1),
 ]
+# Decode (M <= GEMV_M): the weight-streaming GEMV, ("gemv", BLOCK_N, BLOCK_K, num_warps, num_stages). Narrow
+# N slices give every SM several programs (N = 4096 / 4 = 1024 programs), each streaming its rows over all
+# of K in 8-32 KB steps, so enough bytes are in flight without split-K.
+GEMV_M = 4
+GEMV_CANDIDATES = [
+    ("gemv", bn, bk, w, st)
+    for bn, bk, w, st in (
+        (2, 1024, 4, 1),
+        (4, 512, 4, 1),
+        (4, 1024, 4, 1),
+        (4, 1024, 4, 3),
+        (4, 2048, 8, 1),
+        (8, 512, 4, 1),
+        (8, 512, 4, 3),
+        (8, 1024, 8, 1),
+        (8, 1024, 8, 2),
+        (16, 256, 4, 3),
+        (16, 512, 8, 1),
+        (16, 512, 8, 2),
+    )
+]
 INTERPRET_CONFIG = (16, 16, 32, 1, 1, 1, 1)
+INTERPRET_GEMV_CONFIG = ("gemv", 4, 32, 1, 1)
 INTERPRET_SPLIT_CONFIG = (16, 16, 32, 1, 1, 1, 2)  # tests the split-K path in the interpreter
 
 tune_cache: dict[str, tuple] = {}
+FORCE_GEMV: bool | None = None  # tests: True/False forces the interpreter's pick; None: GEMV for M <= GEMV_M
+
+
+def is_gemv(cfg) -> bool:
+    return cfg[0] == "gemv"
 
 
 def m_bucket(m: int) -> int:
+    # M = 1 and M <= 4 have their own buckets: the GEMV competes there (Triton also specializes M = 1)
+    if m <= GEMV_M:
+        return 1 if m == 1 else GEMV_M
     return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else (256 if m <= 256 else 1024)))
 
 
+def _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg) -> None:
+    _, bn, bk, warps, stages = cfg
+    m, k = a.shape
+    n = w.shape[0]
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        a,
+        a_scale if a_scale is not None else w_scale,
+        w,
+        w_scale,
+        bias if bias is not None else w_scale,
+        c,
+        m,
+        n,
+        k,
+        a.stride(0),
+        w.stride(0),
+        c.stride(0),
+        A_SCALED=a_scale is not None,
+        INT_ACC=a.dtype == torch.int8,
+        HAS_BIAS=bias is not None,
+        EVEN_K=k % bk == 0,
+        BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        NUM_STAGES=stages,
+        num_warps=warps,
+    )
+
+
 def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
+    if is_gemv(cfg):
+        _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg)
+        return
     bm, bn, bk, gm, warps, stages, split = cfg
     m, k = a.shape
     n = w.shape[0]
@@ -166,7 +287,7 @@ def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
 def _run(a, a_scale, w, w_scale, bias, cfg, out=None) -> torch.Tensor:
     """Launch one config; split-K writes a zeroed fp32 output (consumers read fp32 or bf16 alike)."""
     m, n = a.shape[0], w.shape[0]
-    if cfg[-1] > 1:
+    if not is_gemv(cfg) and cfg[-1] > 1:
         out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
     elif out is None:
         out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
@@ -175,6 +296,11 @@ def _run(a, a_scale, w, w_scale, bias, cfg, out=None) -> torch.Tensor:
 
 
 def _candidates(m: int, k: int, allow_split: bool) -> list[tuple]:
+    gemv = [c for c in GEMV_CANDIDATES if c[2] <= max(256, triton.next_power_of_2(k))] if m <= GEMV_M else []
+    return gemv + _tile_candidates(m, k, allow_split)
+
+
+def _tile_candidates(m: int, k: int, allow_split: bool) -> list[tuple]:
     if m <= SMALL_M:  # cover M in one row tile: 16-row tiles at M = 64 re-read the weights 4 times
         bm = max(16, triton.next_power_of_2(m))
         cands = [
@@ -223,6 +349,8 @@ def _time(fn, rep: int) -> float:
 
 def _pick(a, a_scale, w, w_scale, bias, allow_split: bool) -> tuple:
     if INTERPRET or not a.is_cuda:
+        if FORCE_GEMV or (a.shape[0] <= GEMV_M and FORCE_GEMV is None):
+            return INTERPRET_GEMV_CONFIG
         return INTERPRET_SPLIT_CONFIG if allow_split and a.shape[1] >= 64 else INTERPRET_CONFIG
     m, k = a.shape
     key = table_key(a.dtype, w.dtype, m, w.shape[0], k, bias is not None, allow_split)
@@ -273,7 +401,7 @@ def gemm(
     if a.shape[0] == 0:
         return out if out is not None else torch.empty((0, w.shape[0]), dtype=torch.bfloat16, device=a.device)
     cfg = _pick(a, a_scale, w, w_scale, bias, allow_split)
-    if cfg[-1] > 1 and out is not None:
+    if not is_gemv(cfg) and cfg[-1] > 1 and out is not None:
         out.zero_()
         _launch(a, a_scale, w, w_scale, bias, out, cfg)
         return out
