@@ -17,7 +17,7 @@ def load() -> None:
 
     load_extension(
         name="q8chat_cpu_kernels",
-        sources=[str(CSRC / "quantize.cpp")],
+        sources=[str(CSRC / "quantize.cpp"), str(CSRC / "gemv.cpp")],
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -36,3 +36,38 @@ def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int = 0) -> t
     """round(x / scale) clamped to +-127 (+ zero_point), as int8 or uint8."""
     load()
     return torch.ops.q8chat.quantize_per_tensor(x, scale, zero_point)
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether this CPU runs our AVX512-VNNI GEMV (``gemv_w8a8``)."""
+    load()
+    return bool(torch.ops.q8chat.has_vnni())
+
+
+def pack_vnni(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 weight [N, K] as ``gemv_w8a8`` reads it: ([N/16, K/4, 16, 4] int8 zero-padded, 128 * row sums int32)."""
+    n, k = weight.shape
+    n_pad, k_pad = -n % 16, -k % 4
+    w = torch.nn.functional.pad(weight, (0, k_pad, 0, n_pad))
+    packed = w.view((n + n_pad) // 16, 16, (k + k_pad) // 4, 4).permute(0, 2, 1, 3).contiguous()
+    comp = w.sum(1, dtype=torch.int32) * 128
+    return packed, comp.to(torch.int32)
+
+
+def gemv_w8a8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    comp: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    static_scale: float = 0.0,
+) -> torch.Tensor:
+    """One token [1, K] through a W8A8 linear: BF16 [1, N] with quant/reference.py's numerics.
+
+    The row is quantized per token (``static_scale`` 0) or with the calibrated scale, accumulated
+    exactly in int32 (AVX512-VNNI), then ``(acc * x_scale) * w_scale + bias`` in float32.
+    """
+    load()
+    return torch.ops.q8chat.gemv_w8a8(x, packed, comp, w_scale, bias, static_scale, n)

@@ -79,7 +79,9 @@ class Int8WeightOnlyLinear(nn.Module):
 class Int8Linear(nn.Module):
     """W8A8 INT8: per-token dynamic (or static per-tensor) INT8 activations x per-channel INT8 weights.
 
-    Activations are quantized by our C++ kernel (bit-exact with quant/reference.py). Where one
+    Decode (one row) on a CPU with AVX512-VNNI runs our C++ GEMV (csrc/gemv.cpp): quantization, exact
+    int32 accumulation and the float32 dequantization in one call, bit-exact with quant/reference.py.
+    Otherwise activations are quantized by our C++ kernel (bit-exact with the reference). Where one
     activation scale covers the whole input (a decode step, or static scales) the GEMM is oneDNN's
     prepacked u8 x s8 kernel with dequantization and bias fused into a BF16 output; u8 (x + 128)
     because oneDNN falls back to a reference kernel for s8 inputs at small N. Prefill with per-token
@@ -99,8 +101,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1), persistent=False)
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
-        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features]))
-        self.register_buffer("w_scale", self.weight_scale.reshape(-1), persistent=False)
+        self.register_buffer("w_scale", self.weight_scale.reshape(-1).contiguous(), persistent=False)
+        # decode (one row): our AVX512-VNNI GEMV on a blocked copy of the weight; oneDNN where the CPU lacks VNNI
+        self.vnni = kernels.has_vnni()
+        self.static_scale = 0.0 if input_scale is None else float(self.input_scale)
+        if self.vnni:
+            vnni_w, comp = kernels.pack_vnni(self.weight)
+            self.register_buffer("vnni_weight", vnni_w, persistent=False)
+            self.register_buffer("vnni_comp", comp, persistent=False)
+        if input_scale is not None or not self.vnni:  # oneDNN: static-scale prefill, or decode without VNNI
+            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features]))
         self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
         self.register_buffer("x_zero", torch.tensor(128, dtype=torch.int32), persistent=False)
 
@@ -113,7 +123,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.input_scale is not None:
+        if self.vnni and x2.shape[0] == 1:
+            y = torch.ops.q8chat.gemv_w8a8(
+                x2, self.vnni_weight, self.vnni_comp, self.w_scale, self.bias, self.static_scale, self.out_features
+            )
+        elif self.input_scale is not None:
             q = kernels.quantize_per_tensor(x2, float(self.input_scale), 128)
             y = self._onednn(q, self.input_scale)
         elif x2.shape[0] == 1:

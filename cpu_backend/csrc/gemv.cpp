@@ -1,0 +1,137 @@
+// W8A8 INT8 GEMV for one token (decode): quantize the activation row (per token, or with a static scale),
+// then y = (acc * x_scale) * w_scale (+ bias) in float32, rounded to BF16 -- the numerics of
+// quant/reference.py, with the int32 accumulation done by AVX512-VNNI `vpdpbusd` (u8 x s8).
+//
+// Weights are prepacked once (cpu_backend/linear.py: pack_vnni) as [N/16, K/4, 16, 4] int8: one 64-byte
+// vector holds 4 consecutive k of 16 output columns, so the kernel streams the weight sequentially. The
+// activation goes in as u8 (q + 128); `comp` holds 128 * sum_k w[n, k] to subtract, which keeps the int32
+// accumulator exactly the s8 x s8 dot product.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+bool cpu_has_vnni() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's rounding, NaN -> 0x7fc0).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks(
+    const uint8_t* xq, const int8_t* w, const int32_t* comp, const float* ws, const float* bias, float xs,
+    int64_t kg_count, int64_t n, int64_t nb_begin, int64_t nb_end, at::BFloat16* y) {
+  const int32_t* x32 = reinterpret_cast<const int32_t*>(xq);
+  const __m512 vxs = _mm512_set1_ps(xs);
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    const int8_t* wp = w + nb * kg_count * 64;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t kg = 0;
+    for (; kg + 4 <= kg_count; kg += 4) {
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x32[kg]), _mm512_loadu_si512(wp + kg * 64));
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x32[kg + 1]), _mm512_loadu_si512(wp + kg * 64 + 64));
+      a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(x32[kg + 2]), _mm512_loadu_si512(wp + kg * 64 + 128));
+      a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(x32[kg + 3]), _mm512_loadu_si512(wp + kg * 64 + 192));
+    }
+    for (; kg < kg_count; ++kg)
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x32[kg]), _mm512_loadu_si512(wp + kg * 64));
+    __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+    acc = _mm512_sub_epi32(acc, _mm512_loadu_si512(comp + nb * 16));
+    const int64_t n0 = nb * 16;
+    const int64_t valid = std::min<int64_t>(16, n - n0);
+    const __mmask16 mask = valid == 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
+    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), vxs);
+    f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(mask, ws + n0));
+    if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(mask, bias + n0));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + n0), mask, to_bf16(f));
+  }
+}
+
+// Quantize one row into u8 (q + 128), padded with 128 (q = 0) to kpad; returns the scale used.
+template <typename scalar_t>
+float quantize_row(const scalar_t* xp, int64_t k, int64_t kpad, double static_scale, uint8_t* out) {
+  std::vector<float> row(k);
+  float scale;
+  if (static_scale > 0) {
+    scale = static_cast<float>(static_scale);
+    for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(xp[i]);
+  } else {
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) {
+      row[i] = static_cast<float>(xp[i]);
+      amax = std::max(amax, std::fabs(row[i]));
+    }
+    scale = std::max(amax, 1e-6f) / 127.f;
+  }
+  for (int64_t i = 0; i < k; ++i)
+    out[i] = static_cast<uint8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[i] / scale))) + 128.f);
+  for (int64_t i = k; i < kpad; ++i) out[i] = 128;
+  return scale;
+}
+
+}  // namespace
+
+bool has_vnni() {
+  static const bool ok = cpu_has_vnni();
+  return ok;
+}
+
+// x [1, K] (float/bf16), packed [N/16 padded, K/4 padded, 16, 4] int8, comp [Npad] int32, w_scale [N] float,
+// bias [N] float or None, static_scale > 0 for a calibrated per-tensor scale (else per token) -> y [1, N] bf16.
+torch::Tensor gemv_w8a8(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& comp,
+                        const torch::Tensor& w_scale, const c10::optional<torch::Tensor>& bias, double static_scale,
+                        int64_t n) {
+  TORCH_CHECK(has_vnni(), "gemv_w8a8 needs AVX512-VNNI");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1, "gemv_w8a8 expects one row [1, K]");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 && packed.is_contiguous());
+  const int64_t k = x_in.size(1), nblocks = packed.size(0), kg_count = packed.size(1);
+  TORCH_CHECK(kg_count * 4 >= k && kg_count * 4 < k + 4, "packed weight does not match K");
+  TORCH_CHECK(nblocks * 16 >= n && comp.numel() == nblocks * 16 && w_scale.numel() == n);
+  auto x = x_in.contiguous();
+  std::vector<uint8_t> xq(kg_count * 4);
+  float xs = 0.f;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "gemv_w8a8", [&] {
+    xs = quantize_row<scalar_t>(x.data_ptr<scalar_t>(), k, kg_count * 4, static_scale, xq.data());
+  });
+  auto y = torch::empty({1, n}, torch::dtype(torch::kBFloat16));
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous().to(torch::kFloat);
+    TORCH_CHECK(b.numel() == n);
+    bp = b.data_ptr<float>();
+  }
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const int32_t* cp = comp.data_ptr<int32_t>();
+  const float* sp = w_scale.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(kg_count, 1));  // >= ~256 KiB of weight
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    gemv_blocks(xq.data(), wp, cp, sp, bp, xs, kg_count, n, begin, end, yp);
+  });
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(q8chat, m) {
+  m.def("has_vnni() -> bool", &has_vnni);
+  m.def(
+      "gemv_w8a8(Tensor x, Tensor packed, Tensor comp, Tensor w_scale, Tensor? bias, float static_scale, int n) -> Tensor",
+      &gemv_w8a8);
+}
