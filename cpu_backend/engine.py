@@ -52,11 +52,58 @@ class CPUEngine(GeneratorBackend):
             eos.add(self.tokenizer.eos_token_id)
         max_len = min(decoder.config.max_position_embeddings, max_context)
         # float32 KV cache: CPU attention matmuls at decode shapes run faster in float32 than in BF16
-        self.generator = Generator(decoder, self.tokenizer, eos, max_len, cache_dtype=torch.float32)
+        self.generator = CPUGenerator(decoder, self.tokenizer, eos, max_len, cache_dtype=torch.float32)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return True, ""
+
+
+class CPUGenerator(Generator):
+    """The shared Generator with a lean decode step: the decoder's own ops for one token, minus the Python glue.
+
+    Same kernels and the same rounding points as ``Decoder.forward`` at T=1 (tests assert bit-exact logits),
+    but ~half the ATen calls: 2-D activations, q and k rotated in one go (``rotate_half(x) * sin`` equals
+    ``roll(x) * [-sin_lo, sin_hi]`` bit for bit), per-layer cache views made once, no module hooks.
+    """
+
+    def __init__(self, model: Decoder, *args, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        layers = model.model.layers
+        self.lean = all(layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None for layer in layers)
+        cfg = model.config
+        self.k_views = [self.cache.k[i, 0] for i in range(cfg.num_layers)]  # [kv_heads, max_len, head_dim]
+        self.v_views = [self.cache.v[i, 0] for i in range(cfg.num_layers)]
+
+    @torch.inference_mode()
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        if not self.lean:
+            return super().decode(token, pos)
+        model, cfg = self.model, self.model.config
+        if pos + 1 > self.cache.max_len:
+            raise ValueError(f"sequence of {pos + 1} tokens exceeds the KV cache ({self.cache.max_len})")
+        n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = n_heads * d, n_kv * d
+        x = model.model.embed_tokens.weight[token : token + 1]  # [1, hidden]
+        cos, sin = model.rope(pos, 1, x.dtype)  # [1, d]
+        sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
+        scale = d**-0.5
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = attn.qkv_proj(layer.input_layernorm.forward(x))
+            qk = qkv[:, : q_out + kv_out].view(n_heads + n_kv, d)
+            qk = qk * cos + qk.roll(d // 2, -1) * sin
+            kc, vc = self.k_views[i], self.v_views[i]
+            kc[:, pos].copy_(qk[n_heads:])
+            vc[:, pos].copy_(qkv[0, q_out + kv_out :].view(n_kv, d))
+            k, v = kc[:, : pos + 1], vc[:, : pos + 1]
+            q = qk[:n_heads].to(k.dtype).view(n_kv, n_heads // n_kv, d)
+            probs = (torch.matmul(q, k.transpose(-1, -2)) * scale).float().softmax(-1).to(v.dtype)
+            out = torch.matmul(probs, v).to(x.dtype).view(1, q_out)
+            x = x + attn.o_proj(out)
+            gate, up = mlp.gate_up_proj(layer.post_attention_layernorm.forward(x)).chunk(2, dim=-1)
+            x = x + mlp.down_proj(torch.nn.functional.silu(gate) * up)
+        return model.lm_head(model.model.norm.forward(x)).float()[0]
 
 
 def build_checkpoint(model: str, scheme: str) -> Path:

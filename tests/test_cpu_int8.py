@@ -144,3 +144,19 @@ def test_onednn_runs_a_jit_int8_kernel_not_the_reference_one():
     impl = execs[-1][6]
     assert "ref" not in impl and ("amx" in impl or "vnni" in impl), impl
     assert execs[-1][8].startswith("src:u8") and "dst:bf16" in execs[-1][8]
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "bf16"])
+def test_lean_decode_step_is_bit_exact_with_the_decoder(checkpoints, scheme):
+    engine = CPUEngine("smollm2-135m", scheme, checkpoint=checkpoints.get(scheme), max_context=64)
+    gen = engine.generator
+    assert gen.lean
+    ids = torch.randint(100, 40000, (1, 28), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        cache = gen.model.new_cache(1, gen.max_len, torch.float32)
+        gen.model(ids[:, :20], cache, 0)
+        expected = [gen.model(ids[:, i : i + 1], cache, i)[0, -1] for i in range(20, 28)]
+        gen.prefill(ids[:, :20])
+        got = [gen.decode(int(ids[0, i]), i) for i in range(20, 28)]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
