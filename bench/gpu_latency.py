@@ -146,6 +146,8 @@ def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
             "bytes_GB": nbytes / 1e9,
             "mbu": nbytes / (ms * 1e-3) / (bw * 1e9),
         }
+        if b == 1 and cfg.hidden_size >= 4096:
+            row["profile_b1"] = profile_step(graph)
         log(
             f"  {scheme:11s} kv={kv:4s} B={b:3d} TPOT {ms:7.3f} ms  {b * 1000 / ms:9.0f} tok/s  "
             f"MBU {row['decode'][b]['mbu']:.2f}"
@@ -159,6 +161,40 @@ def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
     dec.graphs.clear()
     torch.cuda.empty_cache()
     return row
+
+
+def profile_step(graph, steps: int = 4) -> list[dict]:
+    """Kernel time per decode step by kernel name (torch.profiler over graph replays), largest first."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+        agg: dict[str, list[float]] = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                a = agg.setdefault(ev.name[:60], [0.0, 0])
+                a[0] += ev.device_time / steps
+                a[1] += 1 / steps
+        top = sorted(
+            ({"kernel": k, "us_per_step": v[0], "launches_per_step": v[1]} for k, v in agg.items()),
+            key=lambda r: -r["us_per_step"],
+        )
+        total = sum(r["us_per_step"] for r in top)
+        log(
+            f"    profile b1: {total:.0f} us of kernels per step, "
+            f"{sum(r['launches_per_step'] for r in top):.0f} launches"
+        )
+        for r in top[:10]:
+            log(f"      {r['us_per_step']:8.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
+        return top
+    except Exception as e:  # noqa: BLE001  (the profile is a diagnostic: never lose the run to it)
+        log(f"    profile failed: {e!r}"[:300])
+        return []
 
 
 def bench_peer(state, cfg_dict, bw, prompt_len: int, new_tokens: int) -> dict:
@@ -284,11 +320,10 @@ def gemv_sweep() -> list[dict]:
         }
         for kind, (x, xs, w, ws) in kinds.items():
             best = None
+            wcs = G.weight_copies(w)
             for cfg in G.GEMV_CANDIDATES:
                 try:
-                    t = triton.testing.do_bench(
-                        lambda: G._launch(x, xs, w, ws, None, out, cfg), warmup=10, rep=40, return_mode="median"
-                    )
+                    t = G.time_in_graph([lambda cfg=cfg, wc=wc: G._launch(x, xs, wc, ws, None, out, cfg) for wc in wcs])
                 except Exception as e:  # noqa: BLE001
                     log(f"  gemv {cfg} failed: {e!r}"[:200])
                     continue
@@ -305,27 +340,39 @@ def gemv_sweep() -> list[dict]:
 
 
 def kernel_table(bw: float) -> list[dict]:
-    """Single-GEMM timings at the 8B shapes: our kernels vs cuBLAS BF16 / _scaled_mm."""
+    """Single-GEMM timings at the 8B shapes: our kernels vs cuBLAS BF16 / _scaled_mm, timed in CUDA graphs
+    over weight copies larger than L2 (as in a decode step: no launch overhead, weights from HBM)."""
+    from gpu_backend.kernels import gemm as G
+
     rows = []
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         w8, s8 = quantize_weight(wb, torch.int8)
         wf, sf = quantize_weight(wb, torch.float8_e4m3fn)
+        cb, c8, cf = G.weight_copies(wb), G.weight_copies(w8), G.weight_copies(wf)
+        copies = {
+            "bf16_cublas": cb,
+            "w8a8_fp8_triton": cf,
+            "w8a8_fp8_scaled_mm": cf,
+            "w8a8_int8_triton": c8,
+            "w8a16_int8_triton": c8,
+        }
         for m in (1, 16, 64, 1024):
             a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a8 = (a * 20).round().clamp(-127, 127).to(torch.int8)
             af = a.to(torch.float8_e4m3fn)
             sa = torch.rand(m, device="cuda") + 0.5
             cand = {
-                "bf16_cublas": (lambda: torch.nn.functional.linear(a, wb), 2),
-                "w8a8_fp8_triton": (lambda: gemm(af, sa, wf, sf), 1),
-                "w8a8_fp8_scaled_mm": (lambda: scaled_mm(af, sa, wf, sf), 1),
-                "w8a8_int8_triton": (lambda: gemm(a8, sa, w8, s8), 1),
-                "w8a16_int8_triton": (lambda: gemm(a, None, w8, s8), 1),
+                "bf16_cublas": (lambda w: torch.nn.functional.linear(a, w), 2),
+                "w8a8_fp8_triton": (lambda w: gemm(af, sa, w, sf), 1),
+                "w8a8_fp8_scaled_mm": (lambda w: scaled_mm(af, sa, w, sf), 1),
+                "w8a8_int8_triton": (lambda w: gemm(a8, sa, w, s8), 1),
+                "w8a16_int8_triton": (lambda w: gemm(a, None, w, s8), 1),
             }
+            for name, (fn, _) in cand.items():
+                fn(copies[name][0])  # tunes on the first copy, outside any capture
             for name, (fn, wbytes) in cand.items():
-                fn()
-                t = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+                t = G.time_in_graph([lambda fn=fn, wc=wc: fn(wc) for wc in copies[name]])
                 rows.append(
                     {
                         "n": n,

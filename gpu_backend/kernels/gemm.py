@@ -200,6 +200,9 @@ GEMV_M = 4
 GEMV_CANDIDATES = [
     ("gemv", bn, bk, w, st)
     for bn, bk, w, st in (
+        (1, 2048, 2, 1),
+        (1, 4096, 4, 1),
+        (2, 1024, 2, 2),
         (2, 2048, 4, 1),
         (2, 4096, 4, 1),
         (4, 1024, 4, 3),
@@ -362,6 +365,38 @@ def _time(fn, rep: int) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
+def weight_copies(w: torch.Tensor, min_bytes: int = 160 << 20, most: int = 16) -> list[torch.Tensor]:
+    """``w`` and enough copies of it that cycling through them reads from HBM, not L2 (60 MB on H200)."""
+    n = max(2, min(most, -(-min_bytes // max(1, w.numel() * w.element_size()))))
+    return [w] + [w.clone() for _ in range(n - 1)]
+
+
+def time_in_graph(fns: list, reps: int = 10, rounds: int = 5) -> float:
+    """Median ms of one call, timed as CUDA-graph replays of ``reps`` passes over ``fns`` (each fn the same
+    work on its own weight copy): no launch overhead and no L2 reuse, as inside the decode graph (do_bench
+    times each Triton launch from Python, ~10 us of host time, which hid the differences between decode
+    kernels of 5-15 us)."""
+    for f in fns:  # compile and warm outside the capture
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    graph.replay()
+    times = []
+    for _ in range(rounds):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / (reps * len(fns)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 def _pick(a, a_scale, w, w_scale, bias, allow_split: bool) -> tuple:
     if INTERPRET or not a.is_cuda:
         if FORCE_GEMV or (a.shape[0] <= GEMV_M and FORCE_GEMV is None):
@@ -373,23 +408,46 @@ def _pick(a, a_scale, w, w_scale, bias, allow_split: bool) -> tuple:
     if cfg is None and USE_TABLE and key in _table():
         cfg = tune_cache[key] = tuple(_table()[key])
     if cfg is None:
-        # two rounds: every candidate briefly, then the best three again for longer (a single short
-        # do_bench per candidate picked a 4x slower tile now and then)
-        timed = []
-        for cand in _candidates(m, k, allow_split):
-            try:
-                timed.append((_time(lambda cand=cand: _run(a, a_scale, w, w_scale, bias, cand), 25), cand))
-            except Exception:  # a config that does not compile or fit in shared memory: skip it
-                continue
-        if not timed:
-            raise RuntimeError(f"no GEMM tile compiled for {key}")
-        finals = sorted(
-            (
-                (min(_time(lambda c=c: _run(a, a_scale, w, w_scale, bias, c), 60) for _ in range(2)), c)
-                for _, c in sorted(timed, key=lambda tc: tc[0])[:3]
-            ),
-            key=lambda tc: tc[0],
-        )
+        cands = _candidates(m, k, allow_split)
+        try:  # in-graph timing over weight copies (what a decode step sees)
+            ws = weight_copies(w)
+
+            def fns(c):
+                return [lambda c=c, wc=wc: _run(a, a_scale, wc, w_scale, bias, c) for wc in ws]
+
+            timed = []
+            for cand in cands:
+                try:
+                    timed.append((time_in_graph(fns(cand)), cand))
+                except Exception:  # a config that does not compile or fit in shared memory: skip it
+                    torch.cuda.synchronize()
+                    continue
+            # second round: the best three again, longer
+            finals = sorted(
+                ((time_in_graph(fns(c), reps=20, rounds=7), c) for _, c in sorted(timed, key=lambda tc: tc[0])[:3]),
+                key=lambda tc: tc[0],
+            )
+            del ws
+        except torch.cuda.OutOfMemoryError:
+            finals = []
+        if not finals:
+            # two rounds: every candidate briefly, then the best three again for longer (a single short
+            # do_bench per candidate picked a 4x slower tile now and then)
+            timed = []
+            for cand in cands:
+                try:
+                    timed.append((_time(lambda cand=cand: _run(a, a_scale, w, w_scale, bias, cand), 25), cand))
+                except Exception:  # a config that does not compile or fit in shared memory: skip it
+                    continue
+            if not timed:
+                raise RuntimeError(f"no GEMM tile compiled for {key}")
+            finals = sorted(
+                (
+                    (min(_time(lambda c=c: _run(a, a_scale, w, w_scale, bias, c), 60) for _ in range(2)), c)
+                    for _, c in sorted(timed, key=lambda tc: tc[0])[:3]
+                ),
+                key=lambda tc: tc[0],
+            )
         cfg = tune_cache[key] = finals[0][1]
     return cfg
 
