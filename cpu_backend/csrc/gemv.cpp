@@ -8,7 +8,9 @@
 // accumulator exactly the s8 x s8 dot product.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -25,6 +27,7 @@ bool cpu_has_vnni() {
 #endif
 }
 
+#if defined(__x86_64__)
 // float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's rounding, NaN -> 0x7fc0).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16(__m512 v) {
   __m512i u = _mm512_castps_si512(v);
@@ -63,6 +66,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + n0), mask, to_bf16(f));
   }
 }
+
+#endif
 
 // Quantize one row into u8 (q + 128), padded with 128 (q = 0) to kpad; returns the scale used.
 template <typename scalar_t>
@@ -123,9 +128,11 @@ torch::Tensor gemv_w8a8(const torch::Tensor& x_in, const torch::Tensor& packed, 
   const float* sp = w_scale.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(kg_count, 1));  // >= ~256 KiB of weight
+#if defined(__x86_64__)
   at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
     gemv_blocks(xq.data(), wp, cp, sp, bp, xs, kg_count, n, begin, end, yp);
   });
+#endif
   return y;
 }
 
