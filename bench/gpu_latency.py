@@ -65,9 +65,9 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-def events_ms(fn, reps: int) -> float:
-    """Median ms of fn() over reps, device events around each call."""
-    times = []
+def events_ms(fn, reps: int, times: list | None = None) -> float:
+    """Median ms of fn() over reps, device events around each call (each time appended to ``times``)."""
+    times = [] if times is None else times
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
@@ -155,7 +155,9 @@ def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
     prompt = torch.randint(0, cfg.vocab_size, (1, ttft_tokens), device="cuda")
     for _ in range(2):  # tunes the large-M tiles
         dec.prefill(prompt).argmax(-1).item()
-    row["ttft_ms"] = events_ms(lambda: dec.prefill(prompt).argmax(-1), 7)
+    reps = []
+    row["ttft_ms"] = events_ms(lambda: dec.prefill(prompt).argmax(-1), 7, reps)
+    row["ttft_reps_ms"] = reps
     log(f"  {scheme:11s} TTFT({ttft_tokens}) {row['ttft_ms']:.2f} ms   (built+timed in {time.time() - t0:.0f} s)")
     dec.k_cache = dec.v_cache = []  # free the caches before the next scheme is built
     dec.graphs.clear()
@@ -246,6 +248,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shape only, no peer")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--only-8b", action="store_true", help="the Llama-3-8B shape only")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the single-GEMM tables")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,9 +269,12 @@ def main() -> None:
         "models": {},
     }
     log(f"{res['device']} sm{res['capability']} copy bandwidth {bw:.0f} GB/s")
-    res["gemv_sweep"] = gemv_sweep()
-    res["kernels"] = kernel_table(bw)
+    if not args.no_kernels:
+        res["gemv_sweep"] = gemv_sweep()
+        res["kernels"] = kernel_table(bw)
     models = [("smollm2-135m-shape", SMOLLM2)] + ([] if args.quick else [("llama3-8b-shape", LLAMA3_8B)])
+    if args.only_8b:
+        models = [("llama3-8b-shape", LLAMA3_8B)]
     for name, cd in models:
         cfg = DecoderConfig(**cd)
         state = random_state(cfg)
