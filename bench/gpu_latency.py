@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from gpu_backend import kernels  # noqa: E402
 from gpu_backend.kernels.gemm import gemm, scaled_mm  # noqa: E402
 from gpu_backend.weights import build_decoder, quantize_weight  # noqa: E402
 from models.config import DecoderConfig  # noqa: E402
@@ -152,6 +153,26 @@ def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
             f"  {scheme:11s} kv={kv:4s} B={b:3d} TPOT {ms:7.3f} ms  {b * 1000 / ms:9.0f} tok/s  "
             f"MBU {row['decode'][b]['mbu']:.2f}"
         )
+    if kernels.PDL and 1 in batches:
+        # the same step launched without programmatic dependent launch, side by side in this run
+        kernels.PDL = False
+        dec.graphs.pop(1, None)
+        graph, buf = dec.decode_graph(1)
+        tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
+        pos = torch.full((1,), CTX, dtype=torch.int32, device="cuda")
+        dec.decode(tok, pos)
+
+        def run_no_pdl(graph=graph, buf=buf, pos=pos):
+            buf["positions"].copy_(pos)
+            buf["seq_lens"].copy_(pos + 1)
+            for _ in range(STEPS):
+                graph.replay()
+
+        run_no_pdl()
+        row["tpot_b1_no_pdl_ms"] = events_ms(run_no_pdl, 5) / STEPS
+        kernels.PDL = True
+        dec.graphs.pop(1, None)
+        log(f"  {scheme:11s} B=  1 without PDL: TPOT {row['tpot_b1_no_pdl_ms']:7.3f} ms")
     prompt = torch.randint(0, cfg.vocab_size, (1, ttft_tokens), device="cuda")
     for _ in range(2):  # tunes the large-M tiles
         dec.prefill(prompt).argmax(-1).item()
@@ -412,14 +433,17 @@ def markdown(res: dict) -> str:
         lines += [
             f"## {name}",
             "",
-            "| scheme | KV | weights GB | TPOT b1 ms | b8 | b32 | b64 | tok/s b64 | MBU b1 | TTFT 1024 ms |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| scheme | KV | weights GB | TPOT b1 ms | b1 no PDL | b8 | b32 | b64 | tok/s b64 | MBU b1 | TTFT 1024 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in entry["rows"]:
             d = r["decode"]
             lines.append(
                 f"| {r['scheme']} | {r['kv_cache']} | {r['weight_GB']:.2f} | "
-                + " | ".join(f"{d[b]['tpot_ms']:.3f}" for b in BATCHES)
+                + f"{d[1]['tpot_ms']:.3f} | "
+                + (f"{r['tpot_b1_no_pdl_ms']:.3f}" if "tpot_b1_no_pdl_ms" in r else "-")
+                + " | "
+                + " | ".join(f"{d[b]['tpot_ms']:.3f}" for b in BATCHES[1:])
                 + f" | {d[64]['tok_per_s']:.0f} | {d[1]['mbu']:.2f} | "
                 f"{r['ttft_ms']:.1f} |"
             )

@@ -81,11 +81,11 @@ class Int8Linear(nn.Module):
 
     Decode (one row) on a CPU with AVX512-VNNI runs our C++ GEMV (csrc/gemv.cpp): quantization, exact
     int32 accumulation and the float32 dequantization in one call, bit-exact with quant/reference.py.
-    Otherwise activations are quantized by our C++ kernel (bit-exact with the reference). Where one
-    activation scale covers the whole input (a decode step, or static scales) the GEMM is oneDNN's
-    prepacked u8 x s8 kernel with dequantization and bias fused into a BF16 output; u8 (x + 128)
-    because oneDNN falls back to a reference kernel for s8 inputs at small N. Prefill with per-token
-    scales uses ``torch._int_mm`` (exact int32) and dequantizes with row x column scales.
+    Otherwise activations are quantized by our C++ kernel (bit-exact with the reference). Decode on a
+    CPU without VNNI runs oneDNN's prepacked u8 x s8 kernel with dequantization and bias fused into a
+    BF16 output; u8 (x + 128) because oneDNN falls back to a reference kernel for s8 inputs at small N.
+    Prefill (dynamic or static scales) uses ``torch._int_mm`` (exact int32) and dequantizes with row x
+    column scales in the reference's order.
     """
 
     def __init__(
@@ -109,7 +109,7 @@ class Int8Linear(nn.Module):
             vnni_w, comp = kernels.pack_vnni(self.weight)
             self.register_buffer("vnni_weight", vnni_w, persistent=False)
             self.register_buffer("vnni_comp", comp, persistent=False)
-        if input_scale is not None or not self.vnni:  # oneDNN: static-scale prefill, or decode without VNNI
+        if not self.vnni:  # oneDNN: decode without VNNI
             self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features]))
         self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
         self.register_buffer("x_zero", torch.tensor(128, dtype=torch.int32), persistent=False)
@@ -123,18 +123,23 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.vnni and x2.shape[0] == 1:
+        if x2.shape[0] == 1 and self.vnni:
             y = torch.ops.q8chat.gemv_w8a8(
                 x2, self.vnni_weight, self.vnni_comp, self.w_scale, self.bias, self.static_scale, self.out_features
             )
-        elif self.input_scale is not None:
-            q = kernels.quantize_per_tensor(x2, float(self.input_scale), 128)
-            y = self._onednn(q, self.input_scale)
-        elif x2.shape[0] == 1:
-            q, scale = kernels.quantize_per_token(x2, 128)
+        elif x2.shape[0] == 1:  # no VNNI: oneDNN's u8 x s8 kernel
+            if self.input_scale is not None:
+                q, scale = kernels.quantize_per_tensor(x2, self.static_scale, 128), self.input_scale
+            else:
+                q, scale = kernels.quantize_per_token(x2, 128)
             y = self._onednn(q, scale.reshape(()))
         else:
-            q, scale = kernels.quantize_per_token(x2, 0)
+            # exact int32 products, then the reference's dequantization order: (acc * x_scale) * w_scale + bias.
+            # (oneDNN's fused dequantization rounds differently on AMX: one bf16 ulp on ~1e-5 of the outputs)
+            if self.input_scale is not None:
+                q, scale = kernels.quantize_per_tensor(x2, self.static_scale, 0), self.input_scale
+            else:
+                q, scale = kernels.quantize_per_token(x2, 0)
             y = torch._int_mm(q, self.weight.t()).float() * scale * self.weight_scale.t()
             if self.bias is not None:
                 y = y + self.bias

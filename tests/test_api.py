@@ -17,7 +17,7 @@ from service import ChatService
 from startup import NotReadyError, Step, Warmup
 from tests import appserver
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,11 @@ def respond(message, history=None, session="s1", **overrides):
 
 
 def test_answer_streams_with_a_metrics_line(cpu_engine):
-    outputs = list(respond("What is the capital of France?"))
+    outputs = list(respond("What is the capital of France? Answer in one short sentence."))
     assert len(outputs) > 3  # streamed, not one final blob
     history, box, status = outputs[-1]
     assert box == "" and status == ""
-    assert history[0] == {"role": "user", "content": "What is the capital of France?"}
+    assert history[0] == {"role": "user", "content": "What is the capital of France? Answer in one short sentence."}
     answer = history[1]["content"]
     assert "Paris" in answer
     metrics = answer.splitlines()[-1]
@@ -117,7 +117,7 @@ def test_gpu_is_listed_and_disabled_with_a_reason_without_cuda():
 
 
 def test_chat_api_returns_plain_answer_text(cpu_engine):
-    answer = app.chat_api("What is the capital of France?")
+    answer = app.chat_api("What is the capital of France? Answer in one short sentence.")
     assert "Paris" in answer and "TTFT" not in answer
 
 
@@ -133,7 +133,7 @@ def test_server_answers_through_gradio_client(server):
 
     url, _ = server
     client = Client(url, verbose=False)
-    assert "Paris" in client.predict("What is the capital of France?", api_name="/chat")
+    assert "Paris" in client.predict("What is the capital of France? Answer in one short sentence.", api_name="/chat")
     with pytest.raises(Exception, match="empty"):
         client.predict("  ", api_name="/chat")
     # the server keeps working after a refused request

@@ -99,10 +99,10 @@ def test_message_streams_and_stop_ends_it(page):
 def test_switching_backend_switches_the_scheme_and_answers_remotely(page):
     page.locator("#backend").get_by_text("REMOTE", exact=True).click()
     page.wait_for_function("document.querySelector('#scheme input').value === 'remote'")
-    send(page, "What is the capital of France?")
+    send(page, "What is the capital of France? Answer in one short sentence.")
     page.locator("#chatbot").get_by_text("REMOTE · remote", exact=False).wait_for(timeout=120_000)
     shot(page, "04-remote")
-    answer = chat_text(page).split("What is the capital of France?")[-1]
+    answer = chat_text(page).split("What is the capital of France? Answer in one short sentence.")[-1]
     assert answer.split("TTFT")[0].strip()  # an answer, with the earlier turns sent along as history
     page.locator("#backend").get_by_text("CPU", exact=True).click()
     page.wait_for_function("document.querySelector('#scheme input').value === 'bf16'")
@@ -121,7 +121,7 @@ def test_compare_view_runs_plots_and_exports_csv(page, tmp_path):
     page.get_by_role("tab", name="Compare").click()
     page.locator("#compare-run").wait_for()
     shot(page, "06-compare-open")
-    page.locator("#compare-prompt textarea").fill("What is the capital of France?")
+    page.locator("#compare-prompt textarea").fill("What is the capital of France? Answer in one short sentence.")
     page.locator("#compare-run").click()
     page.locator("#compare-answer-remote").get_by_text("TTFT", exact=False).wait_for(timeout=180_000)
     cpu = page.locator("#compare-answer-cpu").inner_text()
@@ -139,4 +139,4 @@ def test_compare_view_runs_plots_and_exports_csv(page, tmp_path):
     intel = [backend_label(n) for n in ("openvino", "ipex") if backend_availability(n)[0]]  # when their venvs exist
     assert [r["backend"] for r in rows] == ["CPU", *intel, "REMOTE"]
     assert all(float(r["ttft_ms"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
-    assert rows[0]["prompt"] == "What is the capital of France?"
+    assert rows[0]["prompt"] == "What is the capital of France? Answer in one short sentence."

@@ -159,7 +159,7 @@ def test_dockerfile_install_and_start_steps_work_in_a_fresh_virtualenv(tmp_path,
         client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
         answer = client.chat.completions.create(
             model="smollm2-135m",
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            messages=[{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}],
             temperature=0,
             max_tokens=16,
         )

@@ -198,9 +198,9 @@ def test_openai_api_answers_or_refuses_in_openai_form(api, body, raw):
 
 def test_normal_request_works_after_the_fuzz(cpu_engine, api):
     assert len(ANSWERED) >= 5 and len(API_ANSWERED) >= 5  # the fuzz reached the answering path, not only refusals
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
     r = api.post("/v1/chat/completions",
                  json={"model": "smollm2-135m", "max_tokens": 16, "temperature": 0, "messages": question})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
-    *_, update = app.service.chat("What is the capital of France?", [], ChatSettings(sampling=SamplingParams(32)))
+    *_, update = app.service.chat(question[0]["content"], [], ChatSettings(sampling=SamplingParams(32)))
     assert "Paris" in update.text and update.done

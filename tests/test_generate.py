@@ -19,7 +19,7 @@ def run(engine, message, cancel=None, **params):
 
 
 def test_greedy_answer_is_sensible_and_stops_on_eos(cpu_engine):
-    text, last, _ = run(cpu_engine, "What is the capital of France?", max_new_tokens=64)
+    text, last, _ = run(cpu_engine, "What is the capital of France? Answer in one short sentence.", max_new_tokens=64)
     assert "Paris" in text
     assert last.finished and last.finish_reason == "eos"
     t = last.timings
@@ -42,7 +42,7 @@ def test_sampling_is_reproducible_by_seed(cpu_engine):
 
 
 def test_cancellation_from_another_thread_and_no_state_left(cpu_engine):
-    before, _, _ = run(cpu_engine, "What is the capital of France?", max_new_tokens=32)
+    before, _, _ = run(cpu_engine, "What is the capital of France? Answer in one short sentence.", max_new_tokens=32)
     cancel = threading.Event()
     ids = build_prompt(cpu_engine.tokenizer, "Count from one to one thousand.").ids
     seen = []
@@ -52,7 +52,7 @@ def test_cancellation_from_another_thread_and_no_state_left(cpu_engine):
             threading.Thread(target=cancel.set).start()
     assert seen[-1].finish_reason == "cancelled"
     assert seen[-1].timings.generated_tokens < 20
-    after, _, _ = run(cpu_engine, "What is the capital of France?", max_new_tokens=32)
+    after, _, _ = run(cpu_engine, "What is the capital of France? Answer in one short sentence.", max_new_tokens=32)
     assert after == before
     assert not cpu_engine.generator.lock.locked()
 

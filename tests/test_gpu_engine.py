@@ -167,8 +167,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @cuda_only
+@pytest.mark.parametrize("bsz", [1, 2])  # batch 1: the GEMV decode path at M = 1; 2: M > 1
 @pytest.mark.parametrize("cid,scheme,opts", CASES, ids=[c[0] for c in CASES])
-def test_decoder_matches_reference_numerics(tiny_checkpoints, cid, scheme, opts):
+def test_decoder_matches_reference_numerics(tiny_checkpoints, cid, scheme, opts, bsz):
     """GPU logits (prefill, then 8 graph-replayed decode steps) vs reference_decoder on the same checkpoint."""
     if scheme not in gpu_backend.supported_schemes():
         pytest.skip(f"{scheme} not supported here")
@@ -188,7 +189,7 @@ def test_decoder_matches_reference_numerics(tiny_checkpoints, cid, scheme, opts)
         "flt": load_decoder(src, torch.bfloat16).eval(),  # the unquantized model: the scheme's own error
     }
     dec = build_from_checkpoint(ckpt)
-    bsz, t, steps = 2, 20, 8
+    t, steps = 20, 8
     dec.allocate(bsz, 64)
     dec.decode_graph(bsz)
     gen = torch.Generator().manual_seed(1)
@@ -221,6 +222,7 @@ def test_decoder_matches_reference_numerics(tiny_checkpoints, cid, scheme, opts)
         with open(RECORD, "a") as f:
             rec = {
                 "case": cid,
+                "batch": bsz,
                 "gpu_vs_reference_max": worst["gpu"],
                 "reference_cuda_vs_cpu_max": worst["ref_cuda"],
                 "reference_vs_float_max": worst["flt"],

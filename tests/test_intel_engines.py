@@ -18,7 +18,7 @@ from models.registry import DEFAULT_MODEL
 from service import ChatService, ChatSettings, backend_availability, backend_class, default_backend
 
 GREEDY = SamplingParams(max_new_tokens=24)
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of France? Answer in one short sentence."
 RUNTIMES = ("openvino", "ipex")
 # vs our BF16 model on 4 held-out windows: top-1 agreement and perplexity ratio. Failures these caught: an INT8
 # LM head (both runtimes quantize it unless told not to), RoPE theta lost between transformers 5 and 4.x configs.

@@ -17,7 +17,7 @@ from service import BACKENDS, backend_availability, backend_class
 from tests import appserver
 
 QUESTIONS = [
-    "What is the capital of France?",
+    "What is the capital of France? Answer in one short sentence.",
     "What is the capital of Japan?",
     "Name three primary colors.",
     "What is 12 plus 7?",

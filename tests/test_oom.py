@@ -15,7 +15,7 @@ from models.weights import CheckpointError, parameter_count
 from service import ChatService, ChatSettings
 from tests.quant_fixtures import write_tiny_folder
 
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of France? Answer in one short sentence."
 
 
 def answer(service: ChatService, model: str = DEFAULT_MODEL) -> str:

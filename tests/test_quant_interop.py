@@ -31,7 +31,8 @@ def test_transformers_loads_our_w8a8_checkpoint_and_generates(sq_checkpoint):
     parsed = QuantizationConfig.model_validate(model.config.quantization_config.quantization_config.model_dump())
     assert parsed.config_groups["group_0"].weights.num_bits == 8
     tok = AutoTokenizer.from_pretrained(str(sq_checkpoint))
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+    question = "What is the capital of France? Answer in one short sentence."
+    ids = tok.apply_chat_template([{"role": "user", "content": question}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)

@@ -17,7 +17,7 @@ from remote_backend.engine import MessageCodec, RemoteEngine
 from service import ChatService, ChatSettings, backend_availability
 from tests import appserver
 
-CAPITAL = "What is the capital of France?"
+CAPITAL = "What is the capital of France? Answer in one short sentence."
 
 
 @pytest.fixture(scope="module")

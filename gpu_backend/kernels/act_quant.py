@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_backend.kernels import enter, use_pdl
+
 # QUANT codes (compile-time): what the kernel writes.
 NONE, INT8, FP8 = 0, 1, 2
 FP8_MAX = 448.0
@@ -76,7 +78,9 @@ def _norm_quant_kernel(
     QUANT: tl.constexpr,
     STATIC: tl.constexpr,
     BLOCK: tl.constexpr,
+    GDC: tl.constexpr,
 ):
+    enter(GDC)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
@@ -113,7 +117,9 @@ def _silu_mul_quant_kernel(
     QUANT: tl.constexpr,
     STATIC: tl.constexpr,
     BLOCK: tl.constexpr,
+    GDC: tl.constexpr,
 ):
+    enter(GDC)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_inter
@@ -174,7 +180,9 @@ def norm_quant(
         QUANT=quant_code(qdtype),
         STATIC=static_scale is not None,
         BLOCK=block,
+        GDC=use_pdl(x),
         num_warps=_warps(block),
+        launch_pdl=use_pdl(x),
     )
     return out, scale
 
@@ -202,6 +210,8 @@ def silu_mul_quant(
         QUANT=quant_code(qdtype),
         STATIC=static_scale is not None,
         BLOCK=block,
+        GDC=use_pdl(gate_up),
         num_warps=_warps(block),
+        launch_pdl=use_pdl(gate_up),
     )
     return out, scale

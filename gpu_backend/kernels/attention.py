@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_backend.kernels import enter, use_pdl
 from gpu_backend.kernels.act_quant import _round_half_even
 
 
@@ -34,8 +35,10 @@ def _rope_cache_kernel(
     stride_cs,
     HALF: tl.constexpr,
     QUANT: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """One program per (token row, head among q|k|v). RoPE in place on q and k; k and v go to the cache."""
+    enter(GDC)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     pos = tl.load(pos_ptr + row).to(tl.int64)
@@ -113,7 +116,9 @@ def rope_and_cache(
         k_cache.stride(2),
         HALF=half,
         QUANT=quant_code(k_cache.dtype),
+        GDC=use_pdl(qkv),
         num_warps=1,
+        launch_pdl=use_pdl(qkv),
     )
 
 
@@ -138,8 +143,10 @@ def _decode_split_kernel(
     BLOCK_S: tl.constexpr,
     SPLITS: tl.constexpr,
     SCALED: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Program (b, kv head, split): the G query heads sharing this kv head, over one slice of the keys."""
+    enter(GDC)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -187,7 +194,8 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, D: tl.constexpr, SPLITS: tl.constexpr):
+def _decode_reduce_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, D: tl.constexpr, SPLITS: tl.constexpr, GDC: tl.constexpr):
+    enter(GDC)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     part = (b * tl.num_programs(1) + h) * SPLITS + tl.arange(0, SPLITS)
@@ -228,6 +236,7 @@ def decode_attention(
     if workspace is None:
         workspace = decode_workspace(bsz, n_heads, d, splits, q.device)
     o_part, ml = workspace
+    gdc = use_pdl(q)
     _decode_split_kernel[(bsz, n_kv, splits)](
         q,
         k_cache,
@@ -248,10 +257,14 @@ def decode_attention(
         BLOCK_S=block_s,
         SPLITS=splits,
         SCALED=k_cache.dtype in (torch.int8, torch.float8_e4m3fn),
+        GDC=gdc,
         num_warps=4,
         num_stages=2,
+        launch_pdl=gdc,
     )
-    _decode_reduce_kernel[(bsz, n_heads)](o_part, ml, out, out.stride(0), D=d, SPLITS=splits, num_warps=1)
+    _decode_reduce_kernel[(bsz, n_heads)](
+        o_part, ml, out, out.stride(0), D=d, SPLITS=splits, GDC=gdc, num_warps=1, launch_pdl=gdc
+    )
     return out
 
 

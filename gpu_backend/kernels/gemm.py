@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_backend.kernels import enter, use_pdl
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M = 64  # up to here the weight-streaming tiles are used
 
@@ -53,7 +55,9 @@ def _gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    GDC: tl.constexpr,
 ):
+    enter(GDC)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)  # split-K slice: [pid_k * k_chunk, (pid_k + 1) * k_chunk)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -106,6 +110,38 @@ def _gemm_kernel(
 
 
 @triton.jit
+def _gemv_step(
+    w, a_ptr, k0, rk, rm, K, M, stride_am, acc, ACC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """acc += this K step's products: elementwise [BLOCK_N, BLOCK_K] at M = 1, reduced per row at M > 1."""
+    w = w.to(ACC)
+    kmask = rk < K - k0
+    if BLOCK_M == 1:
+        if EVEN_K:
+            a = tl.load(a_ptr + k0 + rk)
+        else:
+            a = tl.load(a_ptr + k0 + rk, mask=kmask, other=0.0)
+        acc += w * a.to(ACC)[None, :]
+    else:
+        for i in tl.static_range(BLOCK_M):
+            row = tl.minimum(M - 1, i).to(tl.int64)  # rows past M repeat the last one (not stored)
+            if EVEN_K:
+                a = tl.load(a_ptr + row * stride_am + k0 + rk)
+            else:
+                a = tl.load(a_ptr + row * stride_am + k0 + rk, mask=kmask, other=0.0)
+            part = tl.sum(w * a.to(ACC)[None, :], axis=1)
+            acc = tl.where(rm[:, None] == i, acc + part[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _load_w(w_ptrs, k0, rk, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptrs + k0, eviction_policy="evict_first")
+    return tl.load(w_ptrs + k0, mask=(rk < K - k0)[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _gemv_kernel(
     a_ptr,
     a_scale_ptr,
@@ -127,12 +163,15 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Weight streaming for decode (M <= GEMV_M): each program owns BLOCK_N weight rows and loops over all
     of K with wide contiguous loads; no tensor cores (M is tiny), no split-K, so no zeroed output, no
     atomics and no memset node in the CUDA graph. Everything stays in the weight tile's 2-D layout (a 3-D
     [M, N, K] broadcast made Triton shuffle every tile through shared memory: 1.2-1.6 TB/s on H200).
-    M = 1 accumulates elementwise and reduces over K once at the end; M > 1 reduces each step per row."""
+    M = 1 accumulates elementwise and reduces over K once at the end; M > 1 reduces each step per row.
+    The first weight tile is requested before waiting for the previous kernel (PDL): weights never depend
+    on it, so the stream starts during the predecessor's tail."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -142,33 +181,17 @@ def _gemv_kernel(
     w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K], K contiguous
     ACC: tl.constexpr = tl.int32 if INT_ACC else tl.float32
     if BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
-        else:
-            kmask = rk < K - k0
-            w = tl.load(w_ptrs + k0, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
-        w = w.to(ACC)
-        if BLOCK_M == 1:
-            if EVEN_K:
-                a = tl.load(a_ptr + k0 + rk)
-            else:
-                a = tl.load(a_ptr + k0 + rk, mask=kmask, other=0.0)
-            acc2 += w * a.to(ACC)[None, :]
-        else:
-            for i in tl.static_range(BLOCK_M):
-                row = tl.minimum(M - 1, i).to(tl.int64)  # rows past M repeat the last one (not stored)
-                if EVEN_K:
-                    a = tl.load(a_ptr + row * stride_am + k0 + rk)
-                else:
-                    a = tl.load(a_ptr + row * stride_am + k0 + rk, mask=kmask, other=0.0)
-                part = tl.sum(w * a.to(ACC)[None, :], axis=1)
-                acc = tl.where(rm[:, None] == i, acc + part[None, :], acc)
+    w_first = _load_w(w_ptrs, 0, rk, K, EVEN_K)
+    enter(GDC)
+    acc = _gemv_step(w_first, a_ptr, 0, rk, rm, K, M, stride_am, acc, ACC, EVEN_K, BLOCK_M)
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
+        w = _load_w(w_ptrs, k0, rk, K, EVEN_K)
+        acc = _gemv_step(w, a_ptr, k0, rk, rm, K, M, stride_am, acc, ACC, EVEN_K, BLOCK_M)
     if BLOCK_M == 1:
-        acc = tl.sum(acc2, axis=1)[None, :]
+        acc = tl.sum(acc, axis=1)[None, :]
 
     c = acc.to(tl.float32) * tl.load(w_scale_ptr + rn_c)[None, :]
     if A_SCALED:
@@ -261,7 +284,9 @@ def _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg) -> None:
         BLOCK_N=bn,
         BLOCK_K=bk,
         NUM_STAGES=stages,
+        GDC=use_pdl(a),
         num_warps=warps,
+        launch_pdl=use_pdl(a),
     )
 
 
@@ -297,8 +322,10 @@ def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
         BLOCK_N=bn,
         BLOCK_K=bk,
         GROUP_M=gm,
+        GDC=use_pdl(a),
         num_warps=warps,
         num_stages=stages,
+        launch_pdl=use_pdl(a),
     )
 
 
