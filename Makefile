@@ -26,9 +26,13 @@ test: $(VENV)/.test venv-openvino venv-ipex
 	Q8CHAT_REQUIRE_INTEL=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # llama.cpp, the CPU peer, lives in its own venv: llama-cpp-python compiles from source (~10 min).
+# explicit AVX-512 flags: the default native build (it adds ggml's AMX kernels) died with SIGILL on our AMX Xeon
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
 .venv-llama/bin/python:
 	python3 -m venv .venv-llama
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) .venv-llama/bin/pip install -q llama-cpp-python==0.3.36
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		.venv-llama/bin/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 
 bench-cpu: $(VENV)/.runtime .venv-llama/bin/python
 	$(PY) bench/cpu_latency.py

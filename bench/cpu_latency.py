@@ -315,9 +315,16 @@ def main() -> None:
                 runners += [Intel(runtime, s, threads, prompts) for s in SCHEMES]
             else:
                 notes.append(f"{runtime} skipped: {reason}")
+    working = []
+    for r in runners:  # warm-up round, not counted; an engine that fails here is left out with the reason
+        try:
+            r.round()
+            working.append(r)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"{' '.join(r.key)} left out: {str(e)[-300:]}")
+            print(notes[-1], flush=True)
+    runners = working
     samples: dict[tuple, list[dict]] = {r.key: [] for r in runners}
-    for r in runners:  # warm-up round, not counted
-        r.round()
     for i in range(args.runs):
         for r in runners:
             time.sleep(0.5)  # the previous engine's OpenMP threads stop spinning before this one is timed
@@ -394,7 +401,7 @@ def main() -> None:
         "new_tokens": NEW_TOKENS,
         "versions": versions("torch", "transformers", "llama_cpp_python"),
         "intel_engines": {r.key[0]: r.engine.info.get("versions") for r in runners if isinstance(r, Intel)},
-        "llama.cpp build": "llama-cpp-python 0.3.36 from PyPI source, default CMake flags (GGML_NATIVE)",
+        "llama.cpp build": "llama-cpp-python 0.3.36 from PyPI source, AVX-512 + VNNI + BF16, no AMX (Makefile)",
     }
     write_results(
         "cpu_latency",
