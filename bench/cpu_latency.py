@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results  # noqa: E402
 from cpu_backend.engine import CPUEngine, pack_bf16  # noqa: E402
-from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, PackedBF16Linear, fuse_int8  # noqa: E402
+from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8  # noqa: E402
 from cpu_backend.threads import configure_threads  # noqa: E402
 from models.backend import SamplingParams  # noqa: E402
 from models.config import DecoderConfig  # noqa: E402
@@ -216,7 +216,7 @@ def random_decoder(scheme: str) -> tuple[Decoder, int]:
         q, s = quantize_weight(model.get_submodule(name).weight.float(), "int")
         model.replace_linear(name, Int8WeightOnlyLinear(q, s) if scheme == "w8a16-int8" else Int8Linear(q, s))
     model.fuse_projections(fuse_int8)
-    model.lm_head = PackedBF16Linear.from_linear(model.lm_head)
+    model.lm_head = BF16Linear.from_linear(model.lm_head)
     return model.eval(), weight_bytes
 
 

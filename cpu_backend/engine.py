@@ -1,4 +1,4 @@
-"""CPU engine: our decoder with prepacked oneDNN BF16 linears or INT8 kernels, and a lean decode loop."""
+"""CPU engine: our decoder on BF16 or INT8 linears (C++ GEMVs for decode, oneDNN for prefill), a lean decode loop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, PackedBF16Linear, fuse_int8
+from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8
 from cpu_backend.threads import configure_threads
 from models.backend import RequestError
 from models.chat import load_tokenizer
@@ -114,17 +114,17 @@ def build_checkpoint(model: str, scheme: str) -> Path:
 
 
 def pack_bf16(decoder: Decoder) -> None:
-    """Fuse q/k/v and gate/up, then put every projection and the LM head on prepacked oneDNN BF16 linears."""
-    decoder.fuse_projections(PackedBF16Linear.fused)
+    """Fuse q/k/v and gate/up, then put every projection and the LM head on BF16Linear."""
+    decoder.fuse_projections(BF16Linear.fused)
     for name in ("self_attn.o_proj", "mlp.down_proj"):
         for i in range(decoder.config.num_layers):
             full = f"model.layers.{i}.{name}"
-            decoder.replace_linear(full, PackedBF16Linear.from_linear(decoder.get_submodule(full)))
-    decoder.lm_head = PackedBF16Linear.from_linear(decoder.lm_head)
+            decoder.replace_linear(full, BF16Linear.from_linear(decoder.get_submodule(full)))
+    decoder.lm_head = BF16Linear.from_linear(decoder.lm_head, prefill_copy=False)
 
 
 def load_int8(folder: Path, scheme: str) -> Decoder:
-    """A quantized checkpoint on our INT8 kernels; linears the quantizer kept in BF16 stay BF16 (prepacked)."""
+    """A quantized checkpoint on our INT8 kernels; linears the quantizer kept in BF16 stay BF16."""
     from quant.checkpoint import load_checkpoint
     from quant.reference import reference_decoder
 
@@ -138,12 +138,12 @@ def load_int8(folder: Path, scheme: str) -> Decoder:
         weight, weight_scale, input_scale = ckpt.linear(name)
         bias = ckpt.tensors.get(f"{name}.bias")
         if weight_scale is None:
-            module = PackedBF16Linear(weight, bias)
+            module = BF16Linear(weight, bias)
         elif scheme == "w8a16-int8":
             module = Int8WeightOnlyLinear(weight, weight_scale, bias)
         else:
             module = Int8Linear(weight, weight_scale, input_scale, bias)
         decoder.replace_linear(name, module)
     decoder.fuse_projections(fuse_int8)
-    decoder.lm_head = PackedBF16Linear.from_linear(decoder.lm_head)
+    decoder.lm_head = BF16Linear.from_linear(decoder.lm_head, prefill_copy=False)
     return decoder

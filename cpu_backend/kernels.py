@@ -45,6 +45,23 @@ def has_vnni() -> bool:
     return bool(torch.ops.q8chat.has_vnni())
 
 
+@functools.cache
+def has_avx512bf16() -> bool:
+    """Whether this CPU runs our AVX512-BF16 GEMV (``gemv_bf16``). False where csrc/ does not build (no C++
+    compiler): BF16, the default scheme, then runs on oneDNN alone."""
+    try:
+        load()
+    except Exception:  # noqa: BLE001
+        return False
+    return bool(torch.ops.q8chat.has_avx512bf16())
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One bf16 row [1, K] times a plain bf16 weight [N, K] (+ bias): [1, N] bf16, float32 accumulation."""
+    load()
+    return torch.ops.q8chat.gemv_bf16(x, weight, bias)
+
+
 def pack_vnni(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An int8 weight [N, K] as ``gemv_w8a8`` reads it: ([N/16, K/4, 16, 4] int8 zero-padded, 128 * row sums int32)."""
     n, k = weight.shape

@@ -132,8 +132,9 @@ def unknown_model(spec: str) -> ModelNotFoundError:
 
 
 def bytes_per_weight(scheme: str) -> int:
-    """Bytes one weight takes in memory under ``scheme``: 8-bit schemes 1, BF16 (and anything else) 2."""
-    return 1 if scheme.endswith(("int8", "fp8")) else 2
+    """Bytes one weight may take in memory under ``scheme``: 8-bit schemes 1; BF16 (and anything else) 4, because
+    the CPU engine holds BF16 layer weights twice where it has its decode GEMV (cpu_backend.linear.BF16Linear)."""
+    return 1 if scheme.endswith(("int8", "fp8")) else 4
 
 
 def estimate_load_bytes(spec: str, scheme: str) -> int:

@@ -105,7 +105,11 @@ def test_engine_logits_match_reference_decoder(checkpoints, scheme):
         a = torch.cat([ours(ids[:, :20], c1, 0)] + [ours(ids[:, i : i + 1], c1, i) for i in range(20, 24)], 1)
         b = torch.cat([ref(ids[:, :20], c2, 0)] + [ref(ids[:, i : i + 1], c2, i) for i in range(20, 24)], 1)
     if scheme == "w8a8-int8":
-        torch.testing.assert_close(a, b, atol=0, rtol=0)  # bit-exact, prefill and decode
+        torch.testing.assert_close(a[:, :20], b[:, :20], atol=0, rtol=0)  # prefill: bit-exact
+        # decode: every INT8 linear is bit-exact, but the BF16 LM head runs our AVX512-BF16 GEMV where the CPU has
+        # it (float32 sums in another order than oneDNN's): at most one bf16 rounding step apart
+        torch.testing.assert_close(a[:, 20:], b[:, 20:], atol=0, rtol=2**-7)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
     else:
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
         torch.testing.assert_close(a[:, :20], b[:, :20], atol=0, rtol=0)  # prefill is exact

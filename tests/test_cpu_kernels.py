@@ -66,3 +66,25 @@ def test_int8_linear_decodes_on_the_vnni_gemv():
     assert m.vnni and not hasattr(m, "packed")  # dynamic scales: no oneDNN copy of the weight
     x = row(64, 3).reshape(1, 1, 64)
     assert torch.equal(m(x), QuantLinearRef(w, ws, "int")(x))
+
+
+@pytest.mark.skipif(not kernels.has_avx512bf16(), reason="this CPU has no AVX512-BF16 (BF16Linear stays on oneDNN)")
+@pytest.mark.parametrize("n,k", [(576, 576), (3072, 576), (576, 1536), (7, 70), (5, 33)])
+def test_gemv_bf16_matches_float64_and_onednn(n, k):
+    """The decode GEMV: float32 accumulation of exact bf16 products, one rounding at the end (odd N and K
+    exercise the row and k tails)."""
+    from cpu_backend.linear import BF16Linear
+
+    torch.manual_seed(n + k)
+    w, x, b = torch.randn(n, k).bfloat16(), torch.randn(1, k).bfloat16(), torch.randn(n).bfloat16()
+    ref = x.double() @ w.double().T + b.double()
+    y = kernels.gemv_bf16(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (1, n)
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-3).all()  # one bf16 rounding (+ float32 sums)
+    onednn = torch.nn.functional.linear(x, w, b)
+    assert ((y.float() - onednn.float()).abs() <= onednn.float().abs() * 2**-7).all()
+    rows = torch.randn(3, k).bfloat16()
+    for lin in (BF16Linear(w, b), BF16Linear(w, b, prefill_copy=False)):
+        assert torch.equal(lin(x), y) and torch.equal(lin(x[None]), y[None])  # one row: the GEMV
+        # more rows: oneDNN (on its blocked copy, or on the plain weight without one)
+        torch.testing.assert_close(lin(rows), torch.nn.functional.linear(rows, w, b), atol=0, rtol=2**-7)

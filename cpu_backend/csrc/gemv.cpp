@@ -67,6 +67,54 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks
   }
 }
 
+// BF16 GEMV on the plain [N, K] weight: four rows at a time, 32 k per `vdpbf16ps` (float32 accumulation),
+// one horizontal sum per row at the end. xp is the activation row zero-padded to kpad (a multiple of 32).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void gemv_bf16_rows(
+    const uint16_t* xp, const uint16_t* w, const float* bias, int64_t k, int64_t row_begin,
+    int64_t row_end, at::BFloat16* y) {
+  const int64_t kfull = k / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((k - kfull) == 0 ? 0 : ((1ull << (k - kfull)) - 1));
+  int64_t r = row_begin;
+  for (; r + 4 <= row_end; r += 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const uint16_t* wr = w + r * k;
+    for (int64_t kk = 0; kk < kfull; kk += 32) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + kk);
+      a0 = _mm512_dpbf16_ps(a0, xv, (__m512bh)_mm512_loadu_si512(wr + kk));
+      a1 = _mm512_dpbf16_ps(a1, xv, (__m512bh)_mm512_loadu_si512(wr + k + kk));
+      a2 = _mm512_dpbf16_ps(a2, xv, (__m512bh)_mm512_loadu_si512(wr + 2 * k + kk));
+      a3 = _mm512_dpbf16_ps(a3, xv, (__m512bh)_mm512_loadu_si512(wr + 3 * k + kk));
+    }
+    if (tail) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + kfull);
+      a0 = _mm512_dpbf16_ps(a0, xv, (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + kfull));
+      a1 = _mm512_dpbf16_ps(a1, xv, (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + k + kfull));
+      a2 = _mm512_dpbf16_ps(a2, xv, (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + 2 * k + kfull));
+      a3 = _mm512_dpbf16_ps(a3, xv, (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + 3 * k + kfull));
+    }
+    float out[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                    _mm512_reduce_add_ps(a3)};
+    for (int i = 0; i < 4; ++i) y[r + i] = static_cast<at::BFloat16>(out[i] + (bias ? bias[r + i] : 0.f));
+  }
+  for (; r < row_end; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    const uint16_t* wr = w + r * k;
+    for (int64_t kk = 0; kk < kfull; kk += 32)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xp + kk), (__m512bh)_mm512_loadu_si512(wr + kk));
+    if (tail)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xp + kfull),
+                             (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + kfull));
+    y[r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc) + (bias ? bias[r] : 0.f));
+  }
+}
+
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+#else
+bool cpu_has_avx512bf16() { return false; }
 #endif
 
 // Quantize one row into u8 (q + 128), padded with 128 (q = 0) to kpad; returns the scale used.
@@ -136,7 +184,43 @@ torch::Tensor gemv_w8a8(const torch::Tensor& x_in, const torch::Tensor& packed, 
   return y;
 }
 
+bool has_avx512bf16() {
+  static const bool ok = cpu_has_avx512bf16();
+  return ok;
+}
+
+// x [1, K] bf16, w [N, K] bf16 (plain, contiguous), bias [N] float or None -> y [1, N] bf16
+// (float32 accumulation, one rounding to bf16 at the end, like oneDNN's; only the summation order differs).
+torch::Tensor gemv_bf16(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(has_avx512bf16(), "gemv_bf16 needs AVX512-BF16");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.scalar_type() == torch::kBFloat16, "one bf16 row [1, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x_in.size(1));
+  const int64_t n = w.size(0), k = w.size(1), kpad = (k + 31) / 32 * 32;
+  std::vector<uint16_t> xp(kpad, 0);
+  auto x = x_in.contiguous();
+  std::memcpy(xp.data(), x.data_ptr<at::BFloat16>(), k * sizeof(uint16_t));
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous().to(torch::kFloat);
+    TORCH_CHECK(b.numel() == n);
+    bp = b.data_ptr<float>();
+  }
+  auto y = torch::empty({1, n}, torch::dtype(torch::kBFloat16));
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t grain = std::max<int64_t>(4, 131072 / std::max<int64_t>(k, 1)) / 4 * 4;  // >= ~256 KiB of weight
+#if defined(__x86_64__)
+  at::parallel_for(0, (n + 3) / 4, grain / 4, [&](int64_t begin, int64_t end) {
+    gemv_bf16_rows(xp.data(), wp, bp, k, begin * 4, std::min(end * 4, n), yp);
+  });
+#endif
+  return y;
+}
+
 TORCH_LIBRARY_FRAGMENT(q8chat, m) {
+  m.def("has_avx512bf16() -> bool", &has_avx512bf16);
+  m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor", &gemv_bf16);
   m.def("has_vnni() -> bool", &has_vnni);
   m.def(
       "gemv_w8a8(Tensor x, Tensor packed, Tensor comp, Tensor w_scale, Tensor? bias, float static_scale, int n) -> Tensor",
