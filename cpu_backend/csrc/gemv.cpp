@@ -1,4 +1,5 @@
-// W8A8 INT8 GEMV for one token (decode): quantize the activation row (per token, or with a static scale),
+// One-token (decode) GEMVs. gemv_bf16: BF16 x BF16 with `vdpbf16ps` on the plain weight (below). gemv_w8a8:
+// W8A8 INT8 GEMV for one token: quantize the activation row (per token, or with a static scale),
 // then y = (acc * x_scale) * w_scale (+ bias) in float32, rounded to BF16 -- the numerics of
 // quant/reference.py, with the int32 accumulation done by AVX512-VNNI `vpdpbusd` (u8 x s8).
 //
