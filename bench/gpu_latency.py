@@ -60,6 +60,8 @@ SCHEMES = [("bf16", "bf16"), ("w8a8-fp8", "fp8"), ("w8a8-int8", "fp8"), ("w8a16-
 BATCHES = (1, 8, 32, 64)
 CTX = 1024  # decode steps are timed at this context length (the TTFT prompt length)
 STEPS = 32
+# the same step captured with kernel settings changed, timed in the same run (8B shape): (label, settings, batch)
+VARIANTS = [("b1 no PDL", {"PDL": False}, 1)]
 
 
 def log(*a) -> None:
@@ -153,37 +155,81 @@ def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
             f"  {scheme:11s} kv={kv:4s} B={b:3d} TPOT {ms:7.3f} ms  {b * 1000 / ms:9.0f} tok/s  "
             f"MBU {row['decode'][b]['mbu']:.2f}"
         )
-    if kernels.PDL and 1 in batches:
-        # the same step launched without programmatic dependent launch, side by side in this run
-        kernels.PDL = False
-        dec.graphs.pop(1, None)
-        graph, buf = dec.decode_graph(1)
-        tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
-        pos = torch.full((1,), CTX, dtype=torch.int32, device="cuda")
-        dec.decode(tok, pos)
-
-        def run_no_pdl(graph=graph, buf=buf, pos=pos):
-            buf["positions"].copy_(pos)
-            buf["seq_lens"].copy_(pos + 1)
-            for _ in range(STEPS):
-                graph.replay()
-
-        run_no_pdl()
-        row["tpot_b1_no_pdl_ms"] = events_ms(run_no_pdl, 5) / STEPS
-        kernels.PDL = True
-        dec.graphs.pop(1, None)
-        log(f"  {scheme:11s} B=  1 without PDL: TPOT {row['tpot_b1_no_pdl_ms']:7.3f} ms")
+    if cfg.hidden_size >= 4096:
+        row["variants"] = {}
+        for label, settings, b in VARIANTS:
+            if b in batches:
+                ms = time_variant(dec, cfg, b, settings)
+                row["variants"][label] = {"batch": b, "settings": settings, "tpot_ms": ms}
+                log(f"  {scheme:11s} {label}: TPOT {ms:7.3f} ms")
     prompt = torch.randint(0, cfg.vocab_size, (1, ttft_tokens), device="cuda")
     for _ in range(2):  # tunes the large-M tiles
         dec.prefill(prompt).argmax(-1).item()
     reps = []
     row["ttft_ms"] = events_ms(lambda: dec.prefill(prompt).argmax(-1), 7, reps)
     row["ttft_reps_ms"] = reps
+    if cfg.hidden_size >= 4096:
+        row["profile_prefill"] = profile_prefill(dec, prompt)
     log(f"  {scheme:11s} TTFT({ttft_tokens}) {row['ttft_ms']:.2f} ms   (built+timed in {time.time() - t0:.0f} s)")
     dec.k_cache = dec.v_cache = []  # free the caches before the next scheme is built
     dec.graphs.clear()
     torch.cuda.empty_cache()
     return row
+
+
+def time_variant(dec, cfg, b: int, settings: dict) -> float:
+    """TPOT of the batch-``b`` step captured with ``kernels`` settings changed (e.g. PDL off), same run."""
+    saved = {k: getattr(kernels, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(kernels, k, v)
+        dec.graphs.pop(b, None)
+        graph, buf = dec.decode_graph(b)
+        pos = torch.full((b,), CTX, dtype=torch.int32, device="cuda")
+        dec.decode(torch.randint(0, cfg.vocab_size, (b,), device="cuda"), pos)
+
+        def run(graph=graph, buf=buf, pos=pos):
+            buf["positions"].copy_(pos)
+            buf["seq_lens"].copy_(pos + 1)
+            for _ in range(STEPS):
+                graph.replay()
+
+        run()
+        return events_ms(run, 5) / STEPS
+    finally:
+        for k, v in saved.items():
+            setattr(kernels, k, v)
+        dec.graphs.pop(b, None)
+
+
+def profile_prefill(dec, prompt) -> dict:
+    """Kernel time of one prefill by kernel name, and the wall time around it (the gap is host launch time)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            dec.prefill(prompt).argmax(-1).item()
+            wall = (time.perf_counter() - t) * 1000
+        agg: dict[str, list[float]] = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                a = agg.setdefault(ev.name[:60], [0.0, 0])
+                a[0] += ev.device_time / 1000
+                a[1] += 1
+        top = sorted(({"kernel": k, "ms": v[0], "launches": v[1]} for k, v in agg.items()), key=lambda r: -r["ms"])
+        total = sum(r["ms"] for r in top)
+        log(
+            f"    prefill profile: {total:.1f} ms of kernels, {sum(r['launches'] for r in top)} launches, "
+            f"wall {wall:.1f} ms"
+        )
+        for r in top[:8]:
+            log(f"      {r['ms']:8.2f} ms  x{r['launches']:4d}  {r['kernel']}")
+        return {"kernel_ms": total, "wall_ms_profiled": wall, "top": top[:20]}
+    except Exception as e:  # noqa: BLE001  (a diagnostic: never lose the run to it)
+        log(f"    prefill profile failed: {e!r}"[:300])
+        return {}
 
 
 def profile_step(graph, steps: int = 4) -> list[dict]:
@@ -433,20 +479,30 @@ def markdown(res: dict) -> str:
         lines += [
             f"## {name}",
             "",
-            "| scheme | KV | weights GB | TPOT b1 ms | b1 no PDL | b8 | b32 | b64 | tok/s b64 | MBU b1 | TTFT 1024 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| scheme | KV | weights GB | TPOT b1 ms | b8 | b32 | b64 | tok/s b64 | MBU b1 | TTFT 1024 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in entry["rows"]:
             d = r["decode"]
             lines.append(
                 f"| {r['scheme']} | {r['kv_cache']} | {r['weight_GB']:.2f} | "
                 + f"{d[1]['tpot_ms']:.3f} | "
-                + (f"{r['tpot_b1_no_pdl_ms']:.3f}" if "tpot_b1_no_pdl_ms" in r else "-")
-                + " | "
                 + " | ".join(f"{d[b]['tpot_ms']:.3f}" for b in BATCHES[1:])
                 + f" | {d[64]['tok_per_s']:.0f} | {d[1]['mbu']:.2f} | "
                 f"{r['ttft_ms']:.1f} |"
             )
+        if any(r.get("variants") for r in entry["rows"]):
+            lines += ["", "The same step captured with kernel settings changed, same run:", ""]
+            lines += [
+                "| scheme | variant | default TPOT ms | variant TPOT ms | variant / default |",
+                "|---|---|---|---|---|",
+            ]
+            for r in entry["rows"]:
+                for label, v in r.get("variants", {}).items():
+                    base = r["decode"][v["batch"]]["tpot_ms"]
+                    lines.append(
+                        f"| {r['scheme']} | {label} | {base:.3f} | {v['tpot_ms']:.3f} | {v['tpot_ms'] / base:.2f} |"
+                    )
         peer = entry.get("peer")
         if peer:
             lines += [

@@ -21,6 +21,9 @@ from models.config import DecoderConfig
 from models.decoder import rope_inv_freq
 
 FP8 = torch.float8_e4m3fn
+# prompt lengths a batch-1 prefill graph is captured for (a prompt runs in the smallest that holds it: at most
+# 1.5x the work of its own length past 256 tokens)
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 @dataclass
@@ -133,6 +136,7 @@ class GPUDecoder:
         self.device = embed.device
         self.max_batch = self.max_len = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
 
     # -- memory -------------------------------------------------------------------------------
@@ -146,6 +150,7 @@ class GPUDecoder:
         self.cos, self.sin = freqs.cos().to(self.device), freqs.sin().to(self.device)
         self.max_batch, self.max_len = max_batch, max_len
         self.graphs.clear()
+        self.prefill_graphs.clear()
 
     def weight_bytes(self) -> int:
         per_layer = sum(lin.nbytes for lyr in self.layers for lin in (lyr.qkv, lyr.o, lyr.gate_up, lyr.down))
@@ -177,7 +182,7 @@ class GPUDecoder:
                     qkv, kc, vc, lyr.k_scale, lyr.v_scale, seq_lens, h_n, splits=self.splits, workspace=ws
                 )
             else:
-                attn = self._prefill_attention(qkv, bsz, t, kc, vc, lyr)
+                attn = self._prefill_attention(qkv, bsz, t)
             o_act = lyr.o.act_dtype
             a, as_ = (
                 (attn, None) if o_act is None else norm_quant(attn, None, qdtype=o_act, static_scale=lyr.o.input_scale)
@@ -192,22 +197,14 @@ class GPUDecoder:
         h, _ = norm_quant(x, self.norm, eps, residual=delta)
         return h
 
-    def _prefill_attention(
-        self, qkv: torch.Tensor, bsz: int, t: int, k_cache: torch.Tensor, v_cache: torch.Tensor, lyr: Layer
-    ) -> torch.Tensor:
+    def _prefill_attention(self, qkv: torch.Tensor, bsz: int, t: int) -> torch.Tensor:
+        """Causal attention over the prompt. k and v are read from ``qkv``, where ``rope_and_cache`` left what
+        the cache holds (an 8-bit cache's values dequantized, as quant.reference attends to them)."""
         c = self.cfg
         h_n, kv_n, d = c.num_heads, c.num_kv_heads, c.head_dim
         q, k, v = qkv.view(bsz, t, h_n + 2 * kv_n, d).transpose(1, 2).split([h_n, kv_n, kv_n], dim=1)
-        q = q.to(torch.bfloat16)
-        if self.kv_dtype != torch.bfloat16:
-            # attend to what the 8-bit cache holds (as quant.reference's cache does): dequantized, in bf16
-            k = (k_cache[:, :, :t].float() * lyr.k_scale[None, :, None, None]).to(torch.bfloat16)
-            v = (v_cache[:, :, :t].float() * lyr.v_scale[None, :, None, None]).to(torch.bfloat16)
-        else:
-            k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
-        if kv_n != h_n:  # expand for the flash kernel (prefill only; decode reads the cache per kv head)
-            k, v = k.repeat_interleave(h_n // kv_n, dim=1), v.repeat_interleave(h_n // kv_n, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_n != h_n)
         return out.transpose(1, 2).reshape(bsz * t, h_n * d)
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
@@ -220,12 +217,56 @@ class GPUDecoder:
         bsz, t = tokens.shape
         if bsz > self.max_batch or t > self.max_len:
             raise ValueError(f"prefill of {bsz}x{t} exceeds the allocated cache ({self.max_batch}x{self.max_len})")
+        if bsz == 1 and not all_logits and self.device.type == "cuda":
+            return self._prefill_graph(tokens)
         positions = torch.arange(t, device=self.device, dtype=torch.int32).repeat(bsz)
         x = self.embed[tokens.reshape(-1)]
         h = self._layers(x, positions, bsz, t, None)
         if all_logits:
             return self.logits(h).view(bsz, t, -1)
         return self.logits(h.view(bsz, t, -1)[:, -1])
+
+    def _prefill_graph(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A chat prompt's prefill (batch 1) as the replay of a graph captured for its length bucket: the prompt
+        padded at the end to the bucket (causal attention: the padding changes nothing before it; its cache
+        slots are rewritten by the decode steps before they are read), logits of its last real token."""
+        t = tokens.shape[1]
+        size = next((b for b in PREFILL_BUCKETS if t <= b <= self.max_len), self.max_len)
+        if size not in self.prefill_graphs:
+            buf = {
+                "tokens": torch.zeros(size, dtype=torch.long, device=self.device),
+                "positions": torch.arange(size, dtype=torch.int32, device=self.device),
+                "last": torch.zeros(1, dtype=torch.long, device=self.device),
+                "logits": torch.zeros(1, self.cfg.vocab_size, dtype=torch.float32, device=self.device),
+            }
+
+            def run():
+                h = self._layers(self.embed[buf["tokens"]], buf["positions"], 1, size, None)
+                buf["logits"].copy_(self.logits(h.index_select(0, buf["last"])))
+
+            self.prefill_graphs[size] = (self._capture(run), buf)
+        graph, buf = self.prefill_graphs[size]
+        buf["tokens"].zero_()
+        buf["tokens"][:t].copy_(tokens[0])
+        buf["last"].fill_(t - 1)
+        graph.replay()
+        return buf["logits"].clone()
+
+    def _capture(self, run) -> torch.cuda.CUDAGraph:
+        """``run`` warmed up (tiles picked, kernels compiled) on a side stream, then captured into the decoder's
+        graph pool (graphs never run concurrently, and their outputs live in buffers made outside the pool)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            run()
+        return graph
 
     # -- decode in CUDA graphs ----------------------------------------------------------------
     def _decode_eager(self, buf: dict[str, torch.Tensor]) -> None:
@@ -253,21 +294,10 @@ class GPUDecoder:
             "seq_lens": torch.ones(bsz, dtype=torch.int32, device=dev),
             "logits": torch.zeros(bsz, self.cfg.vocab_size, dtype=torch.float32, device=dev),
         }
-        # warm-up outside the capture: picks GEMM tiles and compiles every kernel for this shape. It
-        # writes the last two cache slots, which any sequence rewrites before it can read them.
+        # the warm-up writes the last two cache slots, which any sequence rewrites before it can read them
         buf["positions"].fill_(self.max_len - 2)
         buf["seq_lens"].fill_(self.max_len - 1)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                self._decode_eager(buf)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._decode_eager(buf)
+        graph = self._capture(lambda: self._decode_eager(buf))
         self.graphs[bsz] = (graph, buf)
         return graph, buf
 

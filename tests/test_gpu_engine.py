@@ -242,6 +242,30 @@ def test_decoder_matches_reference_numerics(tiny_checkpoints, cid, scheme, opts,
 
 
 @cuda_only
+@pytest.mark.parametrize("cid", ["bf16", "w8a8-int8-kvint8", "w8a8-fp8-kvfp8"])
+def test_prefill_graph_matches_eager(tiny_checkpoints, cid):
+    """A batch-1 prefill replays the graph of its length bucket (the prompt padded at the end): its logits are
+    the eager prefill's, for prompts of different lengths in one bucket and in the next; decode goes on from it."""
+    from gpu_backend.model import PREFILL_BUCKETS
+    from gpu_backend.weights import build_from_checkpoint
+    from quant.checkpoint import load_checkpoint
+
+    _, folders = tiny_checkpoints
+    dec = build_from_checkpoint(load_checkpoint(folders[cid]))
+    dec.allocate(1, 128)
+    gen = torch.Generator().manual_seed(3)
+    for t in (17, 30, 33):  # buckets 32, 32, 64
+        prompt = torch.randint(3, TINY_HF["vocab_size"], (1, t), generator=gen).cuda()
+        eager = dec.prefill(prompt, all_logits=True)[:, -1].clone()
+        graphed = dec.prefill(prompt)
+        assert rel(graphed, eager) < 1e-2 and graphed.argmax() == eager.argmax(), t
+        nxt = dec.decode(eager.argmax(-1), torch.tensor([t], dtype=torch.int32, device="cuda")).clone()
+        dec.prefill(prompt, all_logits=True)
+        assert rel(nxt, dec.decode(eager.argmax(-1), torch.tensor([t], dtype=torch.int32, device="cuda"))) < 1e-2
+    assert sorted(dec.prefill_graphs) == [b for b in PREFILL_BUCKETS if b in (32, 64)]
+
+
+@cuda_only
 def test_engine_generates_embedded_model():
     """The app's path end to end (needs the embedded model and its tokenizer installed)."""
     pytest.importorskip("tokenizers")

@@ -17,6 +17,21 @@ from gpu_backend.kernels.act_quant import _round_half_even
 
 
 @triton.jit
+def _to_cache(x, dst, scale, QUANT: tl.constexpr, mask=None):
+    """Store key/value elements (fp32) in the cache: /scale, rounded and clamped for an 8-bit cache. Returns
+    what was stored."""
+    if QUANT != 0:  # quant.reference.fake_quant_kv: IEEE division, int8 rounds half to even, clamp
+        qmax = 127.0 if QUANT == 1 else 448.0
+        x = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+        if QUANT == 1:
+            x = _round_half_even(x)
+        x = tl.minimum(tl.maximum(x, -qmax), qmax)
+    x = x.to(dst.dtype.element_ty)
+    tl.store(dst, x, mask=mask)
+    return x
+
+
+@triton.jit
 def _rope_cache_kernel(
     qkv_ptr,
     pos_ptr,
@@ -26,6 +41,7 @@ def _rope_cache_kernel(
     vc_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    rows,
     T,
     stride_row,
     n_heads,
@@ -35,15 +51,21 @@ def _rope_cache_kernel(
     stride_cs,
     HALF: tl.constexpr,
     QUANT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     GDC: tl.constexpr,
 ):
-    """One program per (token row, head among q|k|v). RoPE in place on q and k; k and v go to the cache."""
+    """Program (BLOCK_R token rows, one head among q|k|v): RoPE in place on q and k; k and v go to the cache.
+    With an 8-bit cache, k and v in ``qkv`` are replaced by what the cache holds, dequantized (bf16), so that
+    the prefill attention reads them from there instead of dequantizing the cache in a pass of its own."""
     enter(GDC)
-    row = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    r = tl.where(rmask, r, 0).to(tl.int64)[:, None]
     head = tl.program_id(1)
-    pos = tl.load(pos_ptr + row).to(tl.int64)
-    d = tl.arange(0, HALF)
-    base = qkv_ptr + row * stride_row + head * (2 * HALF)
+    pos = tl.load(pos_ptr + r).to(tl.int64)
+    d = tl.arange(0, HALF)[None, :]
+    mask = rmask[:, None]
+    base = qkv_ptr + r * stride_row + head * (2 * HALF)
     x1 = tl.load(base + d).to(tl.bfloat16).to(tl.float32)  # the model's qkv is bf16 (identity there)
     x2 = tl.load(base + HALF + d).to(tl.bfloat16).to(tl.float32)
     if head < n_heads + n_kv:
@@ -55,10 +77,11 @@ def _rope_cache_kernel(
         a2 = (x2 * c).to(tl.bfloat16).to(tl.float32)
         b2 = (x1 * s).to(tl.bfloat16).to(tl.float32)
         x1, x2 = (a1 + b1).to(tl.bfloat16).to(tl.float32), (a2 + b2).to(tl.bfloat16).to(tl.float32)
-        tl.store(base + d, x1.to(qkv_ptr.dtype.element_ty))
-        tl.store(base + HALF + d, x2.to(qkv_ptr.dtype.element_ty))
+        if head < n_heads or QUANT == 0:
+            tl.store(base + d, x1.to(qkv_ptr.dtype.element_ty), mask=mask)
+            tl.store(base + HALF + d, x2.to(qkv_ptr.dtype.element_ty), mask=mask)
     if head >= n_heads:
-        b = row // T
+        b = r // T
         if head < n_heads + n_kv:
             kvh = head - n_heads
             dst = kc_ptr + b * stride_cb + kvh * stride_ch + pos * stride_cs
@@ -67,16 +90,13 @@ def _rope_cache_kernel(
             kvh = head - n_heads - n_kv
             dst = vc_ptr + b * stride_cb + kvh * stride_ch + pos * stride_cs
             sc = tl.load(v_scale_ptr + kvh)
-        if QUANT != 0:  # quant.reference.fake_quant_kv: IEEE division, int8 rounds half to even, clamp
-            qmax = 127.0 if QUANT == 1 else 448.0
-            x1 = tl.math.div_rn(x1, tl.zeros_like(x1) + sc)
-            x2 = tl.math.div_rn(x2, tl.zeros_like(x2) + sc)
-            if QUANT == 1:
-                x1, x2 = _round_half_even(x1), _round_half_even(x2)
-            x1 = tl.minimum(tl.maximum(x1, -qmax), qmax)
-            x2 = tl.minimum(tl.maximum(x2, -qmax), qmax)
-        tl.store(dst + d, x1.to(kc_ptr.dtype.element_ty))
-        tl.store(dst + HALF + d, x2.to(kc_ptr.dtype.element_ty))
+        c1 = _to_cache(x1, dst + d, sc, QUANT, mask)
+        c2 = _to_cache(x2, dst + HALF + d, sc, QUANT, mask)
+        if QUANT != 0:  # what the cache holds, as the reference attends to it: float(q) * scale, in bf16
+            y1 = (c1.to(tl.float32) * sc).to(tl.bfloat16)
+            y2 = (c2.to(tl.float32) * sc).to(tl.bfloat16)
+            tl.store(base + d, y1.to(qkv_ptr.dtype.element_ty), mask=mask)
+            tl.store(base + HALF + d, y2.to(qkv_ptr.dtype.element_ty), mask=mask)
 
 
 def rope_and_cache(
@@ -92,13 +112,15 @@ def rope_and_cache(
     n_kv: int,
     tokens_per_seq: int,
 ) -> None:
-    """qkv [B*T, (H + 2*KV) * D] bf16 (rows b-major): rotate q, k in place; store k, v at cache[b, :, pos]."""
+    """qkv [B*T, (H + 2*KV) * D] bf16 (rows b-major): rotate q, k in place; store k, v at cache[b, :, pos];
+    with an 8-bit cache, k and v in qkv become the cache's dequantized values (read by the prefill attention)."""
     rows, width = qkv.shape
     half = cos.shape[1]
     assert width == (n_heads + 2 * n_kv) * 2 * half and qkv.stride(1) == 1
     from gpu_backend.kernels.act_quant import quant_code
 
-    _rope_cache_kernel[(rows, n_heads + 2 * n_kv)](
+    block_r = min(16, triton.next_power_of_2(rows))
+    _rope_cache_kernel[(triton.cdiv(rows, block_r), n_heads + 2 * n_kv)](
         qkv,
         positions,
         cos,
@@ -107,6 +129,7 @@ def rope_and_cache(
         v_cache,
         k_scale,
         v_scale,
+        rows,
         tokens_per_seq,
         qkv.stride(0),
         n_heads,
@@ -116,8 +139,9 @@ def rope_and_cache(
         k_cache.stride(2),
         HALF=half,
         QUANT=quant_code(k_cache.dtype),
+        BLOCK_R=block_r,
         GDC=use_pdl(qkv),
-        num_warps=1,
+        num_warps=2 if block_r * half >= 512 else 1,
         launch_pdl=use_pdl(qkv),
     )
 
