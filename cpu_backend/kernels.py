@@ -18,7 +18,7 @@ def load() -> None:
     load_extension(
         name="q8chat_cpu_kernels",
         sources=[str(CSRC / "quantize.cpp"), str(CSRC / "gemv.cpp")],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # no FMA contraction: the reference rounds twice
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
@@ -36,6 +36,16 @@ def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int = 0) -> t
     """round(x / scale) clamped to +-127 (+ zero_point), as int8 or uint8."""
     load()
     return torch.ops.q8chat.quantize_per_tensor(x, scale, zero_point)
+
+
+def dequantize(
+    acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Exact products [M, N] (int32, or float32 holding int32 values converted once) -> bf16
+    ``(acc * x_scale[m]) * w_scale[n] (+ bias[n])`` in float32: the reference's dequantization order in one
+    pass. x_scale: [M] (per token) or one value (static)."""
+    load()
+    return torch.ops.q8chat.dequantize(acc, x_scale, w_scale, bias)
 
 
 @functools.cache
@@ -70,6 +80,12 @@ def pack_vnni(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     packed = w.view((n + n_pad) // 16, 16, (k + k_pad) // 4, 4).permute(0, 2, 1, 3).contiguous()
     comp = w.sum(1, dtype=torch.int32) * 128
     return packed, comp.to(torch.int32)
+
+
+def unpack_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The plain int8 weight [N, K] back from ``pack_vnni``'s layout."""
+    nb, kg = packed.shape[0], packed.shape[1]
+    return packed.permute(0, 2, 1, 3).reshape(nb * 16, kg * 4)[:n, :k].contiguous()
 
 
 def gemv_w8a8(

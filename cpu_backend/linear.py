@@ -88,16 +88,21 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """W8A8 INT8: per-token dynamic (or static per-tensor) INT8 activations x per-channel INT8 weights.
+    """W8A8 INT8: per-token dynamic (or static per-tensor) INT8 activations x per-channel INT8 weights, with the
+    numerics of quant/reference.py: exact int32 products, then (acc * x_scale) * w_scale + bias in float32.
 
-    Decode (one row) on a CPU with AVX512-VNNI runs our C++ GEMV (csrc/gemv.cpp): quantization, exact
-    int32 accumulation and the float32 dequantization in one call, bit-exact with quant/reference.py.
-    Otherwise activations are quantized by our C++ kernel (bit-exact with the reference). Decode on a
-    CPU without VNNI runs oneDNN's prepacked u8 x s8 kernel with dequantization and bias fused into a
-    BF16 output; u8 (x + 128) because oneDNN falls back to a reference kernel for s8 inputs at small N.
-    Prefill (dynamic or static scales) uses ``torch._int_mm`` (exact int32) and dequantizes with row x
-    column scales in the reference's order.
+    On a CPU with AVX512-VNNI (and so on AMX Xeons) the weight is held twice, in two layouts:
+    - decode (one row): our C++ GEMV (csrc/gemv.cpp) over a VNNI-blocked copy: quantization, int32
+      accumulation and dequantization in one call;
+    - prefill: oneDNN's u8 x s8 GEMM (AMX or VNNI) on its reordered copy, with unit scales so that it returns
+      the exact int32 products as float32 (u8 = q + 128: oneDNN's fast kernels want u8, its zero point is
+      applied in int32), then our one-pass dequantization in the reference's order. (oneDNN's own fused
+      dequantization rounds differently: one bf16 ulp on ~1e-5 of the outputs.)
+    Elsewhere (no VNNI: oneDNN would saturate int16 pairs) prefill runs ``torch._int_mm`` on the plain weight and
+    decode oneDNN's u8 x s8 kernel with its fused dequantization.
     """
+
+    PREFILL_ROWS = 512  # oneDNN's reorder hint for the prefill copy
 
     def __init__(
         self,
@@ -108,27 +113,44 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1), persistent=False)
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         self.register_buffer("w_scale", self.weight_scale.reshape(-1).contiguous(), persistent=False)
-        # decode (one row): our AVX512-VNNI GEMV on a blocked copy of the weight; oneDNN where the CPU lacks VNNI
-        self.vnni = kernels.has_vnni()
         self.static_scale = 0.0 if input_scale is None else float(self.input_scale)
+        self.vnni = kernels.has_vnni()
+        weight = weight.contiguous()
         if self.vnni:
-            vnni_w, comp = kernels.pack_vnni(self.weight)
+            vnni_w, comp = kernels.pack_vnni(weight)
             self.register_buffer("vnni_weight", vnni_w, persistent=False)
             self.register_buffer("vnni_comp", comp, persistent=False)
-        if not self.vnni:  # oneDNN: decode without VNNI
-            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features]))
+            self.register_buffer("plain", None, persistent=False)
+            rows = self.PREFILL_ROWS
+            self.register_buffer("ones", torch.ones(self.out_features), persistent=False)
+            self.register_buffer("one", torch.ones(()), persistent=False)
+        else:
+            self.register_buffer("plain", weight, persistent=False)
+            rows = 1
+        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(weight, [rows, self.in_features]))
         self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
         self.register_buffer("x_zero", torch.tensor(128, dtype=torch.int32), persistent=False)
 
-    def _onednn(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 weight [N, K] (rebuilt from the VNNI layout where only that is held)."""
+        if self.plain is not None:
+            return self.plain
+        return kernels.unpack_vnni(self.vnni_weight, self.out_features, self.in_features)
+
+    def _quantize(self, x2: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_scale is not None:
+            return kernels.quantize_per_tensor(x2, self.static_scale, zero_point), self.input_scale
+        return kernels.quantize_per_token(x2, zero_point)
+
+    def _onednn(self, q: torch.Tensor, x_scale, w_scale: torch.Tensor, bias, out_dtype: torch.dtype) -> torch.Tensor:
         return torch.ops.onednn.qlinear_pointwise.tensor(
-            q, scale, self.x_zero, self.packed, self.w_scale, self.w_zero, self.bias,
-            1.0, 0, torch.bfloat16, "none", [], "",
+            q, x_scale, self.x_zero, self.packed, w_scale, self.w_zero, bias,
+            1.0, 0, out_dtype, "none", [], "",
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,22 +161,15 @@ class Int8Linear(nn.Module):
                 x2, self.vnni_weight, self.vnni_comp, self.w_scale, self.bias, self.static_scale, self.out_features
             )
         elif x2.shape[0] == 1:  # no VNNI: oneDNN's u8 x s8 kernel
-            if self.input_scale is not None:
-                q, scale = kernels.quantize_per_tensor(x2, self.static_scale, 128), self.input_scale
-            else:
-                q, scale = kernels.quantize_per_token(x2, 128)
-            y = self._onednn(q, scale.reshape(()))
+            q, scale = self._quantize(x2, 128)
+            y = self._onednn(q, scale.reshape(()), self.w_scale, self.bias, torch.bfloat16)
+        elif self.vnni:  # exact products as float32 (unit scales), then the reference's dequantization
+            q, scale = self._quantize(x2, 128)
+            acc = self._onednn(q, self.one, self.ones, None, torch.float32)
+            y = kernels.dequantize(acc, scale, self.w_scale, self.bias)
         else:
-            # exact int32 products, then the reference's dequantization order: (acc * x_scale) * w_scale + bias.
-            # (oneDNN's fused dequantization rounds differently on AMX: one bf16 ulp on ~1e-5 of the outputs)
-            if self.input_scale is not None:
-                q, scale = kernels.quantize_per_tensor(x2, self.static_scale, 0), self.input_scale
-            else:
-                q, scale = kernels.quantize_per_token(x2, 0)
-            y = torch._int_mm(q, self.weight.t()).float() * scale * self.weight_scale.t()
-            if self.bias is not None:
-                y = y + self.bias
-            y = y.to(torch.bfloat16)
+            q, scale = self._quantize(x2, 0)
+            y = kernels.dequantize(torch._int_mm(q, self.plain.t()), scale, self.w_scale, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
 

@@ -132,8 +132,11 @@ def unknown_model(spec: str) -> ModelNotFoundError:
 
 
 def bytes_per_weight(scheme: str) -> int:
-    """Bytes one weight may take in memory under ``scheme``: 8-bit schemes 1; BF16 (and anything else) 4, because
-    the CPU engine holds BF16 layer weights twice where it has its decode GEMV (cpu_backend.linear.BF16Linear)."""
+    """Bytes one weight may take in memory under ``scheme``: the CPU engine holds W8A8 INT8 weights twice (decode
+    and prefill layouts, cpu_backend.linear.Int8Linear) and BF16 layer weights twice where it has its decode
+    GEMV (BF16Linear): 2 and 4; other 8-bit schemes 1."""
+    if scheme == "w8a8-int8":
+        return 2
     return 1 if scheme.endswith(("int8", "fp8")) else 4
 
 

@@ -26,8 +26,10 @@ def activations(m, k, seed=0):
     return x.bfloat16()
 
 
-def test_per_token_quantization_is_bit_exact_with_the_reference():
-    x = activations(33, 576)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [576, 583, 5])  # 583, 5: a vector tail (AVX-512 works 16 at a time)
+def test_per_token_quantization_is_bit_exact_with_the_reference(dtype, k):
+    x = activations(33, k).to(dtype)
     x[5] = 0.0  # an all-zero row must not divide by zero
     ref_q, ref_s = quantize_per_token_int8(x)
     q, s = kernels.quantize_per_token(x, 0)
@@ -36,12 +38,59 @@ def test_per_token_quantization_is_bit_exact_with_the_reference():
     assert qu.dtype == torch.uint8 and torch.equal(qu.int() - 128, ref_q.int()) and torch.equal(su, ref_s)
 
 
-def test_per_tensor_quantization_is_bit_exact_with_the_reference():
-    x = activations(9, 320)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_per_tensor_quantization_is_bit_exact_with_the_reference(dtype):
+    x = activations(9, 323).to(dtype)
     scale = torch.tensor(0.021)
     ref = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
     assert torch.equal(kernels.quantize_per_tensor(x, float(scale), 0), ref)
     assert torch.equal(kernels.quantize_per_tensor(x, float(scale), 128).int() - 128, ref.int())
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dequantize_is_bit_exact_with_the_reference(static, with_bias):
+    """The W8A8 prefill epilogue: (acc * x_scale) * w_scale + bias in float32, each step rounded (no FMA)."""
+    g = torch.Generator().manual_seed(3)
+    m, n = 37, 1003
+    acc = torch.randint(-(2**22), 2**22, (m, n), generator=g, dtype=torch.int32)
+    acc[0, 0] = 2**24 + 1  # past float32's integers: rounded once, as .float() does
+    xs = torch.tensor(0.021) if static else torch.rand(m, 1, generator=g) * 0.1
+    ws = torch.rand(n, generator=g) * 0.01
+    bias = torch.randn(n, generator=g) if with_bias else None
+    ref = (acc.float() * xs) * ws.reshape(1, -1)
+    if bias is not None:
+        ref = ref + bias
+    assert torch.equal(kernels.dequantize(acc, xs, ws, bias), ref.to(torch.bfloat16))
+
+
+def test_w8a8_prefill_exact_past_float32_integers():
+    """Products past 2**24 (where float32 stops holding every integer) are rounded once, as the reference's
+    int32 -> float32 conversion rounds them: the prefill GEMM must hand over exact int32 values."""
+    k, n = 2048, 64
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    w[:, :5] = torch.arange(5, dtype=torch.int8)  # not every product a multiple of a power of two
+    ws = torch.rand(n, 1) * 0.01
+    x = torch.ones(9, k).bfloat16()  # every row quantizes to +127: |acc| ~ 2048 * 127 * 127 = 3.3e7 > 2**24
+    x[:, :5] = torch.tensor([0.3, -0.7, 0.9, 0.1, -1.0]).bfloat16()
+    expected = QuantLinearRef(w, ws, "int", None, None)(x)
+    got = Int8Linear(w, ws, None, None)(x)
+    torch.testing.assert_close(got.float(), expected.float(), atol=0, rtol=0)
+
+
+def test_int8_linear_fuses_from_either_layout():
+    """fuse_int8 reads each part's weight back (from the VNNI layout where only that is held): the fused linear
+    computes what the parts compute, side by side."""
+    from cpu_backend.linear import fuse_int8
+
+    parts = [Int8Linear(*quantize_weight(torch.randn(n, 576), "int")) for n in (192, 64, 64)]
+    for p, n in zip(parts, (192, 64, 64), strict=True):
+        assert p.weight.shape == (n, 576) and p.weight.dtype == torch.int8
+    fused = fuse_int8(parts)
+    x = activations(7, 576)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=1), atol=0, rtol=0)
+    torch.testing.assert_close(fused(x[:1]), torch.cat([p(x[:1]) for p in parts], dim=1), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])

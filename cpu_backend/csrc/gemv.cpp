@@ -9,12 +9,8 @@
 // accumulator exactly the s8 x s8 dot product.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-#include <algorithm>
-#include <cmath>
 #include <cstring>
+#include "vec.h"
 
 namespace {
 
@@ -29,16 +25,6 @@ bool cpu_has_vnni() {
 }
 
 #if defined(__x86_64__)
-// float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's rounding, NaN -> 0x7fc0).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks(
     const uint8_t* xq, const int8_t* w, const int32_t* comp, const float* ws, const float* bias, float xs,
     int64_t kg_count, int64_t n, int64_t nb_begin, int64_t nb_end, at::BFloat16* y) {
@@ -64,7 +50,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks
     __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), vxs);
     f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(mask, ws + n0));
     if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(mask, bias + n0));
-    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + n0), mask, to_bf16(f));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + n0), mask, q8::to_bf16(f));
   }
 }
 
@@ -121,21 +107,9 @@ bool cpu_has_avx512bf16() { return false; }
 // Quantize one row into u8 (q + 128), padded with 128 (q = 0) to kpad; returns the scale used.
 template <typename scalar_t>
 float quantize_row(const scalar_t* xp, int64_t k, int64_t kpad, double static_scale, uint8_t* out) {
-  std::vector<float> row(k);
-  float scale;
-  if (static_scale > 0) {
-    scale = static_cast<float>(static_scale);
-    for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(xp[i]);
-  } else {
-    float amax = 0.f;
-    for (int64_t i = 0; i < k; ++i) {
-      row[i] = static_cast<float>(xp[i]);
-      amax = std::max(amax, std::fabs(row[i]));
-    }
-    scale = std::max(amax, 1e-6f) / 127.f;
-  }
-  for (int64_t i = 0; i < k; ++i)
-    out[i] = static_cast<uint8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[i] / scale))) + 128.f);
+  const float scale =
+      static_scale > 0 ? static_cast<float>(static_scale) : std::max(q8::row_amax(xp, k), 1e-6f) / 127.f;
+  q8::quantize_row_values(xp, k, scale, 128, out);
   for (int64_t i = k; i < kpad; ++i) out[i] = 128;
   return scale;
 }

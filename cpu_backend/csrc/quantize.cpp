@@ -1,9 +1,10 @@
-// Per-token symmetric INT8 quantization of activations in one pass (what quant/reference.py does in
-// eight PyTorch ops). zero_point 128 returns uint8 (x_q + 128): oneDNN's fast int8 GEMMs want u8 inputs.
+// INT8 activation quantization and the GEMM epilogue of W8A8 prefill, with quant/reference.py's numerics.
+// quantize_per_token: per-row symmetric INT8 in one pass (what the reference does in eight PyTorch ops);
+// zero_point 128 returns uint8 (x_q + 128) for oneDNN's u8 x s8 kernels. dequantize: exact int32 products to
+// bf16 as (acc * x_scale) * w_scale + bias in float32, one pass (the reference's order; PyTorch needs five).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <algorithm>
-#include <cmath>
+#include "vec.h"
 
 std::vector<torch::Tensor> quantize_per_token(const torch::Tensor& x_in, int64_t zero_point) {
   TORCH_CHECK(x_in.dim() == 2, "quantize_per_token expects [tokens, features]");
@@ -15,25 +16,14 @@ std::vector<torch::Tensor> quantize_per_token(const torch::Tensor& x_in, int64_t
   float* sp = s.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "quantize_per_token", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(K);
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) {
-          row[k] = static_cast<float>(xp[m * K + k]);
-          amax = std::max(amax, std::fabs(row[k]));
-        }
-        const float scale = std::max(amax, 1e-6f) / 127.f;
+        const float scale = std::max(q8::row_amax(xp + m * K, K), 1e-6f) / 127.f;
         sp[m] = scale;
-        if (zero_point) {
-          uint8_t* out = q.data_ptr<uint8_t>() + m * K;
-          for (int64_t k = 0; k < K; ++k)
-            out[k] = static_cast<uint8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / scale))) + 128.f);
-        } else {
-          int8_t* out = q.data_ptr<int8_t>() + m * K;
-          for (int64_t k = 0; k < K; ++k)
-            out[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / scale))));
-        }
+        if (zero_point)
+          q8::quantize_row_values(xp + m * K, K, scale, 128, q.data_ptr<uint8_t>() + m * K);
+        else
+          q8::quantize_row_values(xp + m * K, K, scale, 0, q.data_ptr<int8_t>() + m * K);
       }
     });
   });
@@ -49,20 +39,87 @@ torch::Tensor quantize_per_tensor(const torch::Tensor& x_in, double scale_d, int
   auto q = torch::empty(x.sizes(), torch::dtype(zero_point ? torch::kUInt8 : torch::kInt8));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "quantize_per_tensor", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float v = std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(xp[i]) / scale)));
-        if (zero_point)
-          q.data_ptr<uint8_t>()[i] = static_cast<uint8_t>(v + 128.f);
-        else
-          q.data_ptr<int8_t>()[i] = static_cast<int8_t>(v);
-      }
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      if (zero_point)
+        q8::quantize_row_values(xp + begin, end - begin, scale, 128, q.data_ptr<uint8_t>() + begin);
+      else
+        q8::quantize_row_values(xp + begin, end - begin, scale, 0, q.data_ptr<int8_t>() + begin);
     });
   });
   return q;
 }
 
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_acc(const int32_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, p));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_acc(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+
+template <typename A>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dequantize_row_avx512(
+    const A* acc, float xs, const float* ws, const float* bias, int64_t n, at::BFloat16* y) {
+  const __m512 vxs = _mm512_set1_ps(xs);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = q8::tail_mask(n - i);
+    __m512 f = _mm512_mul_ps(load_acc(acc + i, m), vxs);
+    f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m, ws + i));
+    if (bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(m, bias + i));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + i), m, q8::to_bf16(f));
+  }
+}
+#endif
+
+// acc [M, N] int32 (or float32 holding converted int32 values), x_scale [M] (per token) or [1] (static),
+// w_scale [N] float, bias [N] or None -> [M, N] bf16.
+torch::Tensor dequantize(const torch::Tensor& acc_in, const torch::Tensor& x_scale_in, const torch::Tensor& w_scale_in,
+                         const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(acc_in.dim() == 2 && (acc_in.scalar_type() == torch::kInt || acc_in.scalar_type() == torch::kFloat),
+              "dequantize expects int32 or float32 [M, N]");
+  auto acc = acc_in.contiguous();
+  const int64_t M = acc.size(0), N = acc.size(1);
+  auto xs = x_scale_in.to(torch::kFloat).contiguous();
+  auto ws = w_scale_in.to(torch::kFloat).contiguous();
+  TORCH_CHECK(xs.numel() == M || xs.numel() == 1, "x_scale: one per row or one for all");
+  TORCH_CHECK(ws.numel() == N, "w_scale: one per column");
+  torch::Tensor b;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(torch::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == N);
+    bp = b.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, torch::dtype(torch::kBFloat16));
+  const float *xp = xs.data_ptr<float>(), *wp = ws.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const bool per_row = xs.numel() == M;
+  auto run = [&](auto* ap) {
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const float s = xp[per_row ? m : 0];
+#if defined(__x86_64__)
+        if (q8::has_avx512()) {
+          dequantize_row_avx512(ap + m * N, s, wp, bp, N, yp + m * N);
+          continue;
+        }
+#endif
+        for (int64_t n = 0; n < N; ++n) {
+          const float f = static_cast<float>(ap[m * N + n]) * s * wp[n];
+          yp[m * N + n] = static_cast<at::BFloat16>(bp ? f + bp[n] : f);
+        }
+      }
+    });
+  };
+  if (acc.scalar_type() == torch::kInt)
+    run(acc.data_ptr<int32_t>());
+  else
+    run(acc.data_ptr<float>());
+  return y;
+}
+
 TORCH_LIBRARY(q8chat, m) {
   m.def("quantize_per_token(Tensor x, int zero_point) -> Tensor[]", &quantize_per_token);
   m.def("quantize_per_tensor(Tensor x, float scale, int zero_point) -> Tensor", &quantize_per_tensor);
+  m.def("dequantize(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias) -> Tensor", &dequantize);
 }
