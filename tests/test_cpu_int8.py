@@ -180,23 +180,31 @@ def test_wrong_checkpoint_for_the_scheme_is_refused(checkpoints):
         CPUEngine("smollm2-135m", "w8a16-int8", checkpoint=checkpoints["w8a8-int8"])
 
 
-def test_onednn_runs_a_jit_int8_kernel_not_the_reference_one():
+@pytest.mark.parametrize("path", ["decode without VNNI", "prefill"])
+def test_onednn_runs_a_jit_int8_kernel_not_the_reference_one(path):
+    """oneDNN's int8 GEMM where we use it: decode on CPUs without our VNNI GEMV (u8 in, dequantized bf16 out) and
+    prefill on CPUs with VNNI (u8 in, exact products as f32 out): a JIT kernel, never oneDNN's reference one."""
+    if path == "prefill" and not kernels.has_vnni():
+        pytest.skip("prefill runs torch._int_mm on CPUs without VNNI")
+    no_vnni = "kernels.has_vnni = lambda: False\n" if path != "prefill" else ""
+    rows = 1 if path != "prefill" else 64
     code = (
         "import torch\n"
         "from cpu_backend import kernels\n"
         "from cpu_backend.linear import Int8Linear\n"
         "from quant.reference import quantize_weight\n"
-        "kernels.has_vnni = lambda: False\n"  # the decode path of CPUs without our VNNI GEMV: oneDNN
+        f"{no_vnni}"
         "m = Int8Linear(*quantize_weight(torch.randn(192, 576), 'int'), torch.tensor([0.03]))\n"
-        "m(torch.randn(1, 576).bfloat16())\n"
+        f"m(torch.randn({rows}, 576).bfloat16())\n"
     )
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    execs = [line.split(",") for line in out.stdout.splitlines() if ",exec,cpu,matmul," in line]
+    execs = [line.split(",") for line in out.stdout.splitlines() if ",exec,cpu," in line and "reorder" not in line]
     assert execs, out.stdout[-2000:]
     impl = execs[-1][6]
     assert "ref" not in impl and any(isa in impl for isa in ("amx", "vnni", "avx10", "avx512")), impl
-    assert execs[-1][8].startswith("src:u8") and "dst:bf16" in execs[-1][8]
+    dst = "dst:bf16" if path != "prefill" else "dst:f32"
+    assert execs[-1][8].startswith("src:u8") and dst in execs[-1][8], execs[-1]
 
 
 @pytest.mark.parametrize("scheme", ["w8a8-int8", "bf16"])
