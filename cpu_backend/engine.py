@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from cpu_backend import kernels
 from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8
 from cpu_backend.threads import configure_threads
 from models.backend import RequestError
@@ -62,9 +63,11 @@ class CPUEngine(GeneratorBackend):
 class CPUGenerator(Generator):
     """The shared Generator with a lean decode step: the decoder's own ops for one token, minus the Python glue.
 
-    Same kernels and the same rounding points as ``Decoder.forward`` at T=1 (tests assert bit-exact logits),
-    but ~half the ATen calls: 2-D activations, q and k rotated in one go (``rotate_half(x) * sin`` equals
-    ``roll(x) * [-sin_lo, sin_hi]`` bit for bit), per-layer cache views made once, no module hooks.
+    2-D activations, per-layer cache views made once, no module hooks, and the attention (RoPE, cache write,
+    softmax attention) in one C++ call where the CPU has AVX-512 (``kernels.rope_attend``: RoPE and the cache
+    bit for bit, float32 attention sums in its own order; logits within a few bf16 steps of the decoder's).
+    Elsewhere ``_attention`` runs the decoder's math in ATen ops, bit-exact with ``Decoder.forward`` at T=1
+    (``rotate_half(x) * sin`` equals ``roll(x) * [-sin_lo, sin_hi]`` bit for bit). Tests assert both.
     """
 
     def __init__(self, model: Decoder, *args, **kwargs) -> None:
@@ -74,6 +77,9 @@ class CPUGenerator(Generator):
         cfg = model.config
         self.k_views = [self.cache.k[i, 0] for i in range(cfg.num_layers)]  # [kv_heads, max_len, head_dim]
         self.v_views = [self.cache.v[i, 0] for i in range(cfg.num_layers)]
+        # RoPE, the cache write and the attention in one C++ call (csrc/attention.cpp) where it runs
+        fp32_cache = self.cache.k.dtype == torch.float32
+        self.fused_attention = kernels.has_avx512() and fp32_cache and cfg.head_dim in (64, 128)
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
@@ -82,28 +88,36 @@ class CPUGenerator(Generator):
         model, cfg = self.model, self.model.config
         if pos + 1 > self.cache.max_len:
             raise ValueError(f"sequence of {pos + 1} tokens exceeds the KV cache ({self.cache.max_len})")
-        n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_out, kv_out = n_heads * d, n_kv * d
+        n_heads, d = cfg.num_heads, cfg.head_dim
         x = model.model.embed_tokens.weight[token : token + 1]  # [1, hidden]
         cos, sin = model.rope(pos, 1, x.dtype)  # [1, d]
         sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
-        scale = d**-0.5
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = attn.qkv_proj(layer.input_layernorm.forward(x))
-            qk = qkv[:, : q_out + kv_out].view(n_heads + n_kv, d)
-            qk = qk * cos + qk.roll(d // 2, -1) * sin
-            kc, vc = self.k_views[i], self.v_views[i]
-            kc[:, pos].copy_(qk[n_heads:])
-            vc[:, pos].copy_(qkv[0, q_out + kv_out :].view(n_kv, d))
-            k, v = kc[:, : pos + 1], vc[:, : pos + 1]
-            q = qk[:n_heads].to(k.dtype).view(n_kv, n_heads // n_kv, d)
-            probs = (torch.matmul(q, k.transpose(-1, -2)) * scale).float().softmax(-1).to(v.dtype)
-            out = torch.matmul(probs, v).to(x.dtype).view(1, q_out)
+            if self.fused_attention:
+                out = kernels.rope_attend(qkv, cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
+            else:
+                out = self._attention(qkv, cos, sin, i, pos)
             x = x + attn.o_proj(out)
             gate, up = mlp.gate_up_proj(layer.post_attention_layernorm.forward(x)).chunk(2, dim=-1)
             x = x + mlp.down_proj(torch.nn.functional.silu(gate) * up)
         return model.lm_head(model.model.norm.forward(x)).float()[0]
+
+    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, i: int, pos: int) -> torch.Tensor:
+        """``kernels.rope_attend`` in ATen ops (CPUs without AVX-512, other cache dtypes): the decoder's math."""
+        cfg = self.model.config
+        n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = n_heads * d, n_kv * d
+        qk = qkv[:, : q_out + kv_out].view(n_heads + n_kv, d)
+        qk = qk * cos + qk.roll(d // 2, -1) * sin
+        kc, vc = self.k_views[i], self.v_views[i]
+        kc[:, pos].copy_(qk[n_heads:])
+        vc[:, pos].copy_(qkv[0, q_out + kv_out :].view(n_kv, d))
+        k, v = kc[:, : pos + 1], vc[:, : pos + 1]
+        q = qk[:n_heads].to(k.dtype).view(n_kv, n_heads // n_kv, d)
+        probs = (torch.matmul(q, k.transpose(-1, -2)) * d**-0.5).float().softmax(-1).to(v.dtype)
+        return torch.matmul(probs, v).to(qkv.dtype).view(1, q_out)
 
 
 def build_checkpoint(model: str, scheme: str) -> Path:

@@ -17,7 +17,7 @@ def load() -> None:
 
     load_extension(
         name="q8chat_cpu_kernels",
-        sources=[str(CSRC / "quantize.cpp"), str(CSRC / "gemv.cpp")],
+        sources=[str(CSRC / "quantize.cpp"), str(CSRC / "gemv.cpp"), str(CSRC / "attention.cpp")],
         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # no FMA contraction: the reference rounds twice
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -66,10 +66,43 @@ def has_avx512bf16() -> bool:
     return bool(torch.ops.q8chat.has_avx512bf16())
 
 
+@functools.cache
+def has_avx512() -> bool:
+    """Whether this CPU runs our AVX-512 W8A16 GEMV (``gemv_w8a16``); False where csrc/ does not build."""
+    try:
+        load()
+    except Exception:  # noqa: BLE001
+        return False
+    return bool(torch.ops.q8chat.has_avx512())
+
+
+def gemv_w8a16(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One bf16 row [1, K] times a plain int8 weight [N, K]: ``bf16(bf16(x @ w.T) * w_scale (+ bias))`` [1, N], the
+    sum in float32 over exact products. w_scale: float32 [N]; bias: float32 [N] or None."""
+    load()
+    return torch.ops.q8chat.gemv_w8a16(x, weight, w_scale, bias)
+
+
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """One bf16 row [1, K] times a plain bf16 weight [N, K] (+ bias): [1, N] bf16, float32 accumulation."""
     load()
     return torch.ops.q8chat.gemv_bf16(x, weight, bias)
+
+
+def rope_attend(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int,
+    n_heads: int,
+) -> torch.Tensor:
+    """One decode step's attention (csrc/attention.cpp): RoPE on q|k of ``qkv`` [1, (H + 2 KV) d] bf16 (``sin``
+    with its first half negated), k and v written to the float32 caches [KV, max_len, d] at ``pos``, softmax
+    attention over positions 0..pos in float32 -> [1, H d] bf16."""
+    load()
+    return torch.ops.q8chat.rope_attend(qkv, cos, sin, k_cache, v_cache, pos, n_heads)
 
 
 def pack_vnni(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

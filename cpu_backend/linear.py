@@ -57,12 +57,15 @@ class BF16Linear(nn.Module):
 class Int8WeightOnlyLinear(nn.Module):
     """W8A16: per-channel INT8 weights, BF16 activations.
 
-    Decode (few rows) runs ``_weight_int8pack_mm`` (AVX-512, reads int8 weights); prefill widens the weight to
-    BF16 (exact: int8 values fit) for oneDNN's BF16 GEMM (AMX where the CPU has it; 2.7x faster than the
-    float32 GEMM on the embedded model's shapes at 512 rows). Both return the unscaled product rounded to BF16;
-    the per-channel scale is applied afterwards in float32, because the kernels only take BF16 scales and
-    their rounding (~0.4 %) would move us further off the quantizer's reference numerics. So the one
-    difference from the reference is that BF16 rounding of the unscaled product (and float32 summation order).
+    One row (decode) on an AVX-512 CPU runs our GEMV (csrc/gemv.cpp: the int8 weight widened to float32 in
+    registers, exact products, float32 sums, the epilogue below fused); a few rows ``_weight_int8pack_mm`` (K a
+    multiple of 16: other K crash it);
+    prefill widens the weight to BF16 (exact: int8 values fit) for oneDNN's BF16 GEMM (AMX where the CPU has
+    it; 2.7x faster than the float32 GEMM on the embedded model's shapes at 512 rows). All return the unscaled
+    product rounded to BF16; the per-channel scale is applied afterwards in float32, because the library
+    kernels only take BF16 scales and their rounding (~0.4 %) would move us further off the quantizer's
+    reference numerics. So the one difference from the reference is that BF16 rounding of the unscaled
+    product (and float32 summation order). One weight copy, plain [N, K] int8, serves every path.
     """
 
     DECODE_ROWS = 16
@@ -72,13 +75,18 @@ class Int8WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1), persistent=False)
+        self.register_buffer("w_scale", self.weight_scale.reshape(-1).contiguous(), persistent=False)
         self.register_buffer("ones", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
+        self.gemv = kernels.has_avx512()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] <= self.DECODE_ROWS:
+        if x2.shape[0] == 1 and self.gemv:
+            y = kernels.gemv_w8a16(x2, self.weight, self.w_scale, self.bias)
+            return y.reshape(*shape[:-1], self.out_features)
+        if x2.shape[0] <= self.DECODE_ROWS and self.in_features % 16 == 0:  # (it reads out of bounds otherwise)
             y = torch._weight_int8pack_mm(x2, self.weight, self.ones).float()
         else:
             y = torch.nn.functional.linear(x2, self.weight.to(torch.bfloat16)).float()

@@ -88,3 +88,72 @@ def test_gemv_bf16_matches_float64_and_onednn(n, k):
         assert torch.equal(lin(x), y) and torch.equal(lin(x[None]), y[None])  # one row: the GEMV
         # more rows: oneDNN (on its blocked copy, or on the plain weight without one)
         torch.testing.assert_close(lin(rows), torch.nn.functional.linear(rows, w, b), atol=0, rtol=2**-7)
+
+
+@pytest.mark.skipif(not kernels.has_avx512(), reason="this CPU has no AVX-512 (W8A16 decode stays on ATen)")
+@pytest.mark.parametrize("n,k", [(576, 576), (3072, 576), (576, 1536), (7, 70), (5, 33)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_w8a16_matches_float64_and_the_aten_path(n, k, with_bias):
+    """The W8A16 decode GEMV: exact products summed in float32, rounded to bf16, then scale (+ bias) in float32
+    and one more bf16 rounding (odd N and K exercise the row and k tails)."""
+    from cpu_backend.linear import Int8WeightOnlyLinear
+
+    w, ws = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)), "int")
+    bias = torch.randn(n) if with_bias else None
+    x = row(k, 5)
+    unscaled = (x.double() @ w.double().T).bfloat16()  # the sum rounded once (float64: no summation error)
+    ref = unscaled.double() * ws.double().T + (0 if bias is None else bias.double())
+    y = kernels.gemv_w8a16(x, w, ws.reshape(-1), bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (1, n)
+    # float32 sums may land on the neighbouring bf16 of the unscaled sum: two bf16 steps in all
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+    agree = (y == ref.bfloat16()).float().mean()
+    assert agree > 0.95, agree
+    lin = Int8WeightOnlyLinear(w, ws, bias)
+    assert lin.gemv and torch.equal(lin(x), y) and torch.equal(lin(x[None]), y[None])  # one row: the GEMV
+    two = torch.cat([x, x])  # two rows: _weight_int8pack_mm (oneDNN for K % 16 != 0), same numerics up to sum order
+    torch.testing.assert_close(lin(two)[:1].float(), y.float(), atol=1e-6, rtol=2**-7)
+
+
+def attention_reference(qkv, cos, sin, kc, vc, pos, n_heads):
+    """The lean decode loop's ATen formulation (cpu_backend.engine.CPUGenerator._attention)."""
+    n_kv, _, d = kc.shape
+    qk = qkv[:, : (n_heads + n_kv) * d].view(n_heads + n_kv, d)
+    qk = qk * cos + qk.roll(d // 2, -1) * sin
+    kc[:, pos].copy_(qk[n_heads:])
+    vc[:, pos].copy_(qkv[0, (n_heads + n_kv) * d :].view(n_kv, d))
+    k, v = kc[:, : pos + 1], vc[:, : pos + 1]
+    q = qk[:n_heads].float().view(n_kv, n_heads // n_kv, d)
+    probs = (torch.matmul(q, k.transpose(-1, -2)) * d**-0.5).softmax(-1)
+    return torch.matmul(probs, v).to(torch.bfloat16).view(1, n_heads * d)
+
+
+@pytest.mark.skipif(not kernels.has_avx512(), reason="this CPU has no AVX-512 (decode attention stays on ATen)")
+@pytest.mark.parametrize("n_heads,n_kv,d", [(9, 3, 64), (32, 8, 128), (4, 4, 64)])
+@pytest.mark.parametrize("pos", [0, 5, 16, 31, 200])
+def test_rope_attend_matches_the_aten_attention(n_heads, n_kv, d, pos):
+    """RoPE and the cache writes bit for bit; the attention output to bf16 rounding (float32 sums in another
+    order, our exp); positions around multiples of 16 exercise the score blocks' tails."""
+    g = torch.Generator().manual_seed(pos + d)
+    qkv = (torch.randn(1, (n_heads + 2 * n_kv) * d, generator=g) * 3).bfloat16()
+    cos, sin = torch.randn(1, d, generator=g).bfloat16(), torch.randn(1, d, generator=g).bfloat16()
+    kc, vc = torch.randn(n_kv, 256, d, generator=g), torch.randn(n_kv, 256, d, generator=g)
+    kc2, vc2 = kc.clone(), vc.clone()
+    expected = attention_reference(qkv, cos, sin, kc, vc, pos, n_heads)
+    got = kernels.rope_attend(qkv, cos, sin, kc2, vc2, pos, n_heads)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-3, rtol=2**-7)
+    assert (got == expected).float().mean() > 0.95
+
+
+@pytest.mark.skipif(not kernels.has_avx512(), reason="this CPU has no AVX-512")
+def test_rope_attend_refuses_what_it_does_not_run():
+    qkv, rot = torch.zeros(1, 5 * 32).bfloat16(), torch.zeros(1, 32).bfloat16()
+    cache = torch.zeros(1, 8, 32)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        kernels.rope_attend(qkv, rot, rot, cache, cache.clone(), 0, 3)
+    cache = torch.zeros(1, 8, 64)
+    with pytest.raises(RuntimeError, match="position"):
+        kernels.rope_attend(torch.zeros(1, 5 * 64).bfloat16(), torch.zeros(1, 64).bfloat16(),
+                            torch.zeros(1, 64).bfloat16(), cache, cache.clone(), 8, 3)  # fmt: skip

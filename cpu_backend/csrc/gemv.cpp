@@ -1,4 +1,5 @@
-// One-token (decode) GEMVs. gemv_bf16: BF16 x BF16 with `vdpbf16ps` on the plain weight (below). gemv_w8a8:
+// One-token (decode) GEMVs. gemv_bf16: BF16 x BF16 with `vdpbf16ps` on the plain weight (below). gemv_w8a16:
+// BF16 activation x INT8 weight (plain layout, shared with prefill), exact float32 products (below). gemv_w8a8:
 // W8A8 INT8 GEMV for one token: quantize the activation row (per token, or with a static scale),
 // then y = (acc * x_scale) * w_scale (+ bias) in float32, rounded to BF16 -- the numerics of
 // quant/reference.py, with the int32 accumulation done by AVX512-VNNI `vpdpbusd` (u8 x s8).
@@ -92,6 +93,60 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void gemv_bf16_r
       acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xp + kfull),
                              (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + kfull));
     y[r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc) + (bias ? bias[r] : 0.f));
+  }
+}
+
+// 16 int8 weights as float32 (exact)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 widen(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 widen(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// W8A16 GEMV on the plain int8 [N, K] weight: four rows at a time, 16 k per step (the int8 weights widened to
+// float32 and multiplied with the float32 activation: exact products, float32 sums), then the epilogue of
+// Int8WeightOnlyLinear: the unscaled sum rounded to bf16, times the channel scale (+ bias) in float32, to bf16.
+// xf is the activation row in float32, zero-padded to a multiple of 16.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void gemv_w8a16_rows(
+    const float* xf, const int8_t* w, const float* ws, const float* bias, int64_t k, int64_t row_begin,
+    int64_t row_end, at::BFloat16* y) {
+  const int64_t kfull = k / 16 * 16;
+  const __mmask16 tail = k == kfull ? 0 : q8::tail_mask(k - kfull);
+  auto finish = [&](int64_t row, float acc) {
+    float v = static_cast<float>(static_cast<at::BFloat16>(acc)) * ws[row];
+    if (bias) v += bias[row];
+    y[row] = static_cast<at::BFloat16>(v);
+  };
+  int64_t r = row_begin;
+  for (; r + 4 <= row_end; r += 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int8_t* wr = w + r * k;
+    for (int64_t kk = 0; kk < kfull; kk += 16) {
+      const __m512 xv = _mm512_loadu_ps(xf + kk);
+      a0 = _mm512_fmadd_ps(widen(wr + kk), xv, a0);
+      a1 = _mm512_fmadd_ps(widen(wr + k + kk), xv, a1);
+      a2 = _mm512_fmadd_ps(widen(wr + 2 * k + kk), xv, a2);
+      a3 = _mm512_fmadd_ps(widen(wr + 3 * k + kk), xv, a3);
+    }
+    if (tail) {
+      const __m512 xv = _mm512_loadu_ps(xf + kfull);
+      a0 = _mm512_fmadd_ps(widen(wr + kfull, tail), xv, a0);
+      a1 = _mm512_fmadd_ps(widen(wr + k + kfull, tail), xv, a1);
+      a2 = _mm512_fmadd_ps(widen(wr + 2 * k + kfull, tail), xv, a2);
+      a3 = _mm512_fmadd_ps(widen(wr + 3 * k + kfull, tail), xv, a3);
+    }
+    finish(r, _mm512_reduce_add_ps(a0));
+    finish(r + 1, _mm512_reduce_add_ps(a1));
+    finish(r + 2, _mm512_reduce_add_ps(a2));
+    finish(r + 3, _mm512_reduce_add_ps(a3));
+  }
+  for (; r < row_end; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    const int8_t* wr = w + r * k;
+    for (int64_t kk = 0; kk < kfull; kk += 16) acc = _mm512_fmadd_ps(widen(wr + kk), _mm512_loadu_ps(xf + kk), acc);
+    if (tail) acc = _mm512_fmadd_ps(widen(wr + kfull, tail), _mm512_loadu_ps(xf + kfull), acc);
+    finish(r, _mm512_reduce_add_ps(acc));
   }
 }
 
@@ -193,7 +248,44 @@ torch::Tensor gemv_bf16(const torch::Tensor& x_in, const torch::Tensor& w, const
   return y;
 }
 
+bool has_avx512() { return q8::has_avx512(); }
+
+// x [1, K] bf16, w [N, K] int8 (plain, contiguous), w_scale [N] float, bias [N] float or None -> y [1, N] bf16:
+// bf16(bf16(sum_k x[k] * w[n, k]) * w_scale[n] (+ bias[n])), the sum in float32 (exact products).
+torch::Tensor gemv_w8a16(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& w_scale,
+                         const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(has_avx512(), "gemv_w8a16 needs AVX-512");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.scalar_type() == torch::kBFloat16, "one bf16 row [1, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous() && w.size(1) == x_in.size(1));
+  const int64_t n = w.size(0), k = w.size(1), kpad = (k + 15) / 16 * 16;
+  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat && w_scale.is_contiguous() && w_scale.numel() == n);
+  std::vector<float> xf(kpad, 0.f);
+  auto x = x_in.contiguous();
+  const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(xb[i]);
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous().to(torch::kFloat);
+    TORCH_CHECK(b.numel() == n);
+    bp = b.data_ptr<float>();
+  }
+  auto y = torch::empty({1, n}, torch::dtype(torch::kBFloat16));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = w_scale.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t groups = std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1));  // >= ~256 KiB of weight
+#if defined(__x86_64__)
+  at::parallel_for(0, (n + 3) / 4, groups, [&](int64_t begin, int64_t end) {
+    gemv_w8a16_rows(xf.data(), wp, sp, bp, k, begin * 4, std::min(end * 4, n), yp);
+  });
+#endif
+  return y;
+}
+
 TORCH_LIBRARY_FRAGMENT(q8chat, m) {
+  m.def("has_avx512() -> bool", &has_avx512);
+  m.def("gemv_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor", &gemv_w8a16);
   m.def("has_avx512bf16() -> bool", &has_avx512bf16);
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor", &gemv_bf16);
   m.def("has_vnni() -> bool", &has_vnni);
