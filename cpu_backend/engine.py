@@ -63,11 +63,12 @@ class CPUEngine(GeneratorBackend):
 class CPUGenerator(Generator):
     """The shared Generator with a lean decode step: the decoder's own ops for one token, minus the Python glue.
 
-    2-D activations, per-layer cache views made once, no module hooks, and the attention (RoPE, cache write,
-    softmax attention) in one C++ call where the CPU has AVX-512 (``kernels.rope_attend``: RoPE and the cache
-    bit for bit, float32 attention sums in its own order; logits within a few bf16 steps of the decoder's).
-    Elsewhere ``_attention`` runs the decoder's math in ATen ops, bit-exact with ``Decoder.forward`` at T=1
-    (``rotate_half(x) * sin`` equals ``roll(x) * [-sin_lo, sin_hi]`` bit for bit). Tests assert both.
+    2-D activations, per-layer cache views made once, no module hooks; where the CPU has AVX-512, the ops between
+    the GEMVs are C++ calls (``_decode_fused``: residual add + RMSNorm, RoPE + cache write + attention, silu * up;
+    the decoder's elementwise rounding bit for bit, but sums in their own order and our exp, so logits stay
+    within a few bf16 steps of the decoder's). Elsewhere the decoder's math in ATen ops, bit-exact with
+    ``Decoder.forward`` at T=1 (``rotate_half(x) * sin`` equals ``roll(x) * [-sin_lo, sin_hi]`` bit for bit).
+    Tests assert both.
     """
 
     def __init__(self, model: Decoder, *args, **kwargs) -> None:
@@ -77,9 +78,14 @@ class CPUGenerator(Generator):
         cfg = model.config
         self.k_views = [self.cache.k[i, 0] for i in range(cfg.num_layers)]  # [kv_heads, max_len, head_dim]
         self.v_views = [self.cache.v[i, 0] for i in range(cfg.num_layers)]
-        # RoPE, the cache write and the attention in one C++ call (csrc/attention.cpp) where it runs
-        fp32_cache = self.cache.k.dtype == torch.float32
-        self.fused_attention = kernels.has_avx512() and fp32_cache and cfg.head_dim in (64, 128)
+        # the ops around the GEMVs as C++ calls (csrc/decode.cpp) where they run
+        norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.fused = (
+            kernels.has_avx512()
+            and self.cache.k.dtype == torch.float32
+            and cfg.head_dim in (64, 128)
+            and all(w.dtype == torch.bfloat16 for w in [*norms, model.model.norm.weight])
+        )
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
@@ -92,17 +98,30 @@ class CPUGenerator(Generator):
         x = model.model.embed_tokens.weight[token : token + 1]  # [1, hidden]
         cos, sin = model.rope(pos, 1, x.dtype)  # [1, d]
         sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
+        if self.fused:
+            return self._decode_fused(x, cos, sin, pos)
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = attn.qkv_proj(layer.input_layernorm.forward(x))
-            if self.fused_attention:
-                out = kernels.rope_attend(qkv, cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
-            else:
-                out = self._attention(qkv, cos, sin, i, pos)
-            x = x + attn.o_proj(out)
+            x = x + attn.o_proj(self._attention(qkv, cos, sin, i, pos))
             gate, up = mlp.gate_up_proj(layer.post_attention_layernorm.forward(x)).chunk(2, dim=-1)
             x = x + mlp.down_proj(torch.nn.functional.silu(gate) * up)
         return model.lm_head(model.model.norm.forward(x)).float()[0]
+
+    def _decode_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+        """The step with the C++ ops of csrc/decode.cpp between the GEMVs: residual add + RMSNorm, attention
+        (RoPE, cache write, softmax), silu * up."""
+        model, n_heads = self.model, self.model.config.num_heads
+        eps = self.model.config.rms_norm_eps
+        delta = None
+        for i, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x, h = kernels.add_rmsnorm(x, delta, layer.input_layernorm.weight, eps)
+            out = kernels.rope_attend(attn.qkv_proj(h), cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
+            x, h = kernels.add_rmsnorm(x, attn.o_proj(out), layer.post_attention_layernorm.weight, eps)
+            delta = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h)))
+        _, h = kernels.add_rmsnorm(x, delta, model.model.norm.weight, eps)
+        return model.lm_head(h).float()[0]
 
     def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, i: int, pos: int) -> torch.Tensor:
         """``kernels.rope_attend`` in ATen ops (CPUs without AVX-512, other cache dtypes): the decoder's math."""

@@ -17,7 +17,7 @@ def load() -> None:
 
     load_extension(
         name="q8chat_cpu_kernels",
-        sources=[str(CSRC / "quantize.cpp"), str(CSRC / "gemv.cpp"), str(CSRC / "attention.cpp")],
+        sources=[str(CSRC / "quantize.cpp"), str(CSRC / "gemv.cpp"), str(CSRC / "decode.cpp")],
         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # no FMA contraction: the reference rounds twice
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -89,6 +89,21 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return torch.ops.q8chat.gemv_bf16(x, weight, bias)
 
 
+def add_rmsnorm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bf16 row: (x + delta rounded to bf16, or x; RMSNorm of that times ``weight``, with the decoder's bf16
+    rounding points; the mean of squares summed in our order)."""
+    load()
+    return torch.ops.q8chat.add_rmsnorm(x, delta, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[1, 2I] bf16 (gate | up) -> silu(gate) * up, [1, I] bf16, rounded as the decoder's bf16 ops round."""
+    load()
+    return torch.ops.q8chat.silu_mul(gate_up)
+
+
 def rope_attend(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -98,7 +113,7 @@ def rope_attend(
     pos: int,
     n_heads: int,
 ) -> torch.Tensor:
-    """One decode step's attention (csrc/attention.cpp): RoPE on q|k of ``qkv`` [1, (H + 2 KV) d] bf16 (``sin``
+    """One decode step's attention (csrc/decode.cpp): RoPE on q|k of ``qkv`` [1, (H + 2 KV) d] bf16 (``sin``
     with its first half negated), k and v written to the float32 caches [KV, max_len, d] at ``pos``, softmax
     attention over positions 0..pos in float32 -> [1, H d] bf16."""
     load()

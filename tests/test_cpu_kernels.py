@@ -157,3 +157,32 @@ def test_rope_attend_refuses_what_it_does_not_run():
     with pytest.raises(RuntimeError, match="position"):
         kernels.rope_attend(torch.zeros(1, 5 * 64).bfloat16(), torch.zeros(1, 64).bfloat16(),
                             torch.zeros(1, 64).bfloat16(), cache, cache.clone(), 8, 3)  # fmt: skip
+
+
+@pytest.mark.skipif(not kernels.has_avx512(), reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("n", [576, 2048, 70])
+def test_add_rmsnorm_and_silu_mul_match_the_decoder(n):
+    """The decoder's bf16 rounding points; the mean of squares and exp are ours, so a bf16 step now and then."""
+    from models.decoder import RMSNorm
+
+    g = torch.Generator().manual_seed(n)
+    x, delta = (torch.randn(1, n, generator=g) * 4).bfloat16(), torch.randn(1, n, generator=g).bfloat16()
+    norm = RMSNorm(n, 1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.rand(n, generator=g).bfloat16() + 0.5
+    x_out, y = kernels.add_rmsnorm(x, delta, norm.weight.data, 1e-5)
+    assert torch.equal(x_out, x + delta)
+    with torch.no_grad():
+        expected = norm(x + delta)
+    torch.testing.assert_close(y.float(), expected.float(), atol=0, rtol=2**-7)
+    assert (y == expected).float().mean() > 0.98
+    same, y2 = kernels.add_rmsnorm(x, None, norm.weight.data, 1e-5)
+    assert same.data_ptr() == x.data_ptr()  # no delta: x itself comes back
+    with torch.no_grad():
+        torch.testing.assert_close(y2.float(), norm(x).float(), atol=0, rtol=2**-7)
+
+    gu = (torch.randn(1, 2 * n, generator=g) * 3).bfloat16()
+    gate, up = gu.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = kernels.silu_mul(gu)
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=2**-7)
+    assert (got == expected).float().mean() > 0.98

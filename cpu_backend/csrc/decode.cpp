@@ -1,8 +1,14 @@
-// One decode step's attention for one sequence, in one call: RoPE on q and k (the lean decode loop's bf16
+// The decode step's ops around the GEMVs, one C++ call each, for one token (they replace ~40 small ATen ops per
+// layer, which cost more than the attention's arithmetic at these sizes):
+// - add_rmsnorm: the residual add and RMSNorm with the decoder's bf16 rounding points;
+// - silu_mul: silu(gate) * up, rounded as the decoder's bf16 ops round;
+// - rope_attend: the attention of one sequence: RoPE on q and k (the lean decode loop's bf16
 // rounding points: q*cos, roll(q)*sin and their sum each rounded to bf16), k and v written to the float32
 // cache at `pos`, then softmax(q k^T / sqrt(d)) v over positions 0..pos for every query head (grouped-query
-// heads share their kv head), float32 throughout, the output rounded to bf16. Replaces ~20 small ATen ops
-// per layer (and two batched matmuls that ran far below the cache's read speed at these shapes).
+// heads share their kv head), float32 throughout, the output rounded to bf16 (the two batched matmuls it
+// replaces ran far below the cache's read speed at these shapes).
+// Elementwise math is the decoder's bit for bit; sums (the norm's mean of squares, attention) run in their own
+// order and exp is ours (~1 ulp), so results can differ from ATen's by a bf16 step now and then.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -86,6 +92,47 @@ Q8_AVX512 void rope_head(const at::BFloat16* x, const at::BFloat16* c, const at:
   }
 }
 
+// y[i] = bf16(float(a[i]) OP float(b[i])) for the decoder's bf16 elementwise ops
+Q8_AVX512 inline __m512 load_bf16(const at::BFloat16* p, __mmask16 m) { return q8::load16(p, m); }
+Q8_AVX512 inline void store_bf16(at::BFloat16* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, q8::to_bf16(v));
+}
+
+Q8_AVX512 void add_rmsnorm_row(const at::BFloat16* x, const at::BFloat16* delta, const at::BFloat16* w, int64_t n,
+                               float eps, at::BFloat16* x_out, at::BFloat16* y) {
+  __m512 ss = _mm512_setzero_ps();
+  const at::BFloat16* xs = x;
+  if (delta) {  // x + delta, rounded to bf16 (the residual stream is bf16)
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = q8::tail_mask(n - i);
+      store_bf16(x_out + i, m, _mm512_add_ps(load_bf16(x + i, m), load_bf16(delta + i, m)));
+    }
+    xs = x_out;
+  }
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load_bf16(xs + i, q8::tail_mask(n - i));
+    ss = _mm512_fmadd_ps(v, v, ss);  // squares of bf16 values are exact in float32
+  }
+  // x * rsqrt(mean(x^2) + eps) in float32, to bf16, times the bf16 weight, to bf16
+  const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
+  const __m512 vr = _mm512_set1_ps(r);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = q8::tail_mask(n - i);
+    const __m512 xn = round_bf16(_mm512_mul_ps(load_bf16(xs + i, m), vr));
+    store_bf16(y + i, m, _mm512_mul_ps(load_bf16(w + i, m), xn));
+  }
+}
+
+Q8_AVX512 void silu_mul_row(const at::BFloat16* gu, int64_t n, at::BFloat16* y) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = q8::tail_mask(n - i);
+    const __m512 g = load_bf16(gu + i, m);
+    const __m512 s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, q8::exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    store_bf16(y + i, m, _mm512_mul_ps(s, load_bf16(gu + n + i, m)));
+  }
+}
+
 Q8_AVX512 void widen_row(const at::BFloat16* x, int64_t d, float* y) {
   for (int64_t j = 0; j < d; j += 16) _mm512_storeu_ps(y + j, q8::load16(x + j, 0xffff));
 }
@@ -136,7 +183,42 @@ torch::Tensor rope_attend(const torch::Tensor& qkv, const torch::Tensor& cos, co
   return out;
 }
 
+// x [1, n] bf16 (+ delta [1, n] bf16) -> (x + delta rounded to bf16, or x itself; rmsnorm(that) * weight, bf16)
+std::tuple<torch::Tensor, torch::Tensor> add_rmsnorm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
+                                                     const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(q8::has_avx512(), "add_rmsnorm needs AVX-512");
+  const int64_t n = x.numel();
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(0) == 1, "one bf16 row");
+  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() && weight.numel() == n);
+  const bool has_delta = delta.has_value() && delta->defined();
+  if (has_delta)
+    TORCH_CHECK(delta->scalar_type() == torch::kBFloat16 && delta->is_contiguous() && delta->numel() == n);
+  auto x_out = has_delta ? torch::empty_like(x) : x;
+  auto y = torch::empty_like(x);
+#if defined(__x86_64__)
+  add_rmsnorm_row(x.data_ptr<at::BFloat16>(), has_delta ? delta->data_ptr<at::BFloat16>() : nullptr,
+                  weight.data_ptr<at::BFloat16>(), n, static_cast<float>(eps), x_out.data_ptr<at::BFloat16>(),
+                  y.data_ptr<at::BFloat16>());
+#endif
+  return {x_out, y};
+}
+
+// gate_up [1, 2I] bf16 (gate | up) -> silu(gate) * up [1, I] bf16
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  TORCH_CHECK(q8::has_avx512(), "silu_mul needs AVX-512");
+  TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16 && gate_up.is_contiguous() && gate_up.dim() == 2 &&
+              gate_up.size(0) == 1 && gate_up.size(1) % 2 == 0, "one bf16 row [1, 2I]");
+  const int64_t n = gate_up.size(1) / 2;
+  auto y = torch::empty({1, n}, gate_up.options());
+#if defined(__x86_64__)
+  silu_mul_row(gate_up.data_ptr<at::BFloat16>(), n, y.data_ptr<at::BFloat16>());
+#endif
+  return y;
+}
+
 TORCH_LIBRARY_FRAGMENT(q8chat, m) {
+  m.def("add_rmsnorm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rmsnorm);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("rope_attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_heads) -> Tensor",
         &rope_attend);
 }
