@@ -25,6 +25,16 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// Software prefetch: the weight streams from DRAM (or a shared L3) and the hardware prefetcher alone kept the
+// GEMVs at ~16 GB/s on the Xeon; requesting ~18 KiB ahead of the reads took them to ~25-30 GB/s. Prefetches
+// never fault, so the few past a thread's rows (or the tensor's end) are harmless.
+constexpr int64_t PREFETCH_BYTES = 18432;
+
+// rows ahead, in blocks of four, for rows of row_bytes
+inline int64_t prefetch_rows(int64_t row_bytes) {
+  return std::min<int64_t>(64, std::max<int64_t>(4, (PREFETCH_BYTES / std::max<int64_t>(row_bytes, 1) + 3) / 4 * 4));
+}
+
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks(
     const uint8_t* xq, const int8_t* w, const int32_t* comp, const float* ws, const float* bias, float xs,
@@ -36,6 +46,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     int64_t kg = 0;
     for (; kg + 4 <= kg_count; kg += 4) {
+      const char* pf = reinterpret_cast<const char*>(wp + kg * 64) + PREFETCH_BYTES;  // the blocks are one stream
+      _mm_prefetch(pf, _MM_HINT_T0);
+      _mm_prefetch(pf + 64, _MM_HINT_T0);
+      _mm_prefetch(pf + 128, _MM_HINT_T0);
+      _mm_prefetch(pf + 192, _MM_HINT_T0);
       a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x32[kg]), _mm512_loadu_si512(wp + kg * 64));
       a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x32[kg + 1]), _mm512_loadu_si512(wp + kg * 64 + 64));
       a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(x32[kg + 2]), _mm512_loadu_si512(wp + kg * 64 + 128));
@@ -60,13 +75,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void gemv_blocks
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void gemv_bf16_rows(
     const uint16_t* xp, const uint16_t* w, const float* bias, int64_t k, int64_t row_begin,
     int64_t row_end, at::BFloat16* y) {
-  const int64_t kfull = k / 32 * 32;
+  const int64_t kfull = k / 32 * 32, ahead = prefetch_rows(2 * k);
   const __mmask32 tail = static_cast<__mmask32>((k - kfull) == 0 ? 0 : ((1ull << (k - kfull)) - 1));
   int64_t r = row_begin;
   for (; r + 4 <= row_end; r += 4) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const uint16_t* wr = w + r * k;
+    const char* pf = reinterpret_cast<const char*>(w + (r + ahead) * k);
     for (int64_t kk = 0; kk < kfull; kk += 32) {
+      _mm_prefetch(pf + 2 * kk, _MM_HINT_T0);
+      _mm_prefetch(pf + 2 * (k + kk), _MM_HINT_T0);
+      _mm_prefetch(pf + 2 * (2 * k + kk), _MM_HINT_T0);
+      _mm_prefetch(pf + 2 * (3 * k + kk), _MM_HINT_T0);
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + kk);
       a0 = _mm512_dpbf16_ps(a0, xv, (__m512bh)_mm512_loadu_si512(wr + kk));
       a1 = _mm512_dpbf16_ps(a1, xv, (__m512bh)_mm512_loadu_si512(wr + k + kk));
@@ -111,7 +131,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 widen(const i
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void gemv_w8a16_rows(
     const float* xf, const int8_t* w, const float* ws, const float* bias, int64_t k, int64_t row_begin,
     int64_t row_end, at::BFloat16* y) {
-  const int64_t kfull = k / 16 * 16;
+  const int64_t kfull = k / 16 * 16, ahead = prefetch_rows(k);
   const __mmask16 tail = k == kfull ? 0 : q8::tail_mask(k - kfull);
   auto finish = [&](int64_t row, float acc) {
     float v = static_cast<float>(static_cast<at::BFloat16>(acc)) * ws[row];
@@ -122,7 +142,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void gemv_w8a16_rows(
   for (; r + 4 <= row_end; r += 4) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const int8_t* wr = w + r * k;
+    const char* pf = reinterpret_cast<const char*>(w + (r + ahead) * k);
     for (int64_t kk = 0; kk < kfull; kk += 16) {
+      if (kk % 64 == 0) {
+        _mm_prefetch(pf + kk, _MM_HINT_T0);
+        _mm_prefetch(pf + k + kk, _MM_HINT_T0);
+        _mm_prefetch(pf + 2 * k + kk, _MM_HINT_T0);
+        _mm_prefetch(pf + 3 * k + kk, _MM_HINT_T0);
+      }
       const __m512 xv = _mm512_loadu_ps(xf + kk);
       a0 = _mm512_fmadd_ps(widen(wr + kk), xv, a0);
       a1 = _mm512_fmadd_ps(widen(wr + k + kk), xv, a1);
