@@ -114,14 +114,15 @@ class CPUGenerator(Generator):
         model, n_heads = self.model, self.model.config.num_heads
         eps = self.model.config.rms_norm_eps
         delta = None
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(model.model.layers):  # .forward: no module-call machinery (hooks) per linear
             attn, mlp = layer.self_attn, layer.mlp
             x, h = kernels.add_rmsnorm(x, delta, layer.input_layernorm.weight, eps)
-            out = kernels.rope_attend(attn.qkv_proj(h), cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
-            x, h = kernels.add_rmsnorm(x, attn.o_proj(out), layer.post_attention_layernorm.weight, eps)
-            delta = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h)))
+            qkv = attn.qkv_proj.forward(h)
+            out = kernels.rope_attend(qkv, cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
+            x, h = kernels.add_rmsnorm(x, attn.o_proj.forward(out), layer.post_attention_layernorm.weight, eps)
+            delta = mlp.down_proj.forward(kernels.silu_mul(mlp.gate_up_proj.forward(h)))
         _, h = kernels.add_rmsnorm(x, delta, model.model.norm.weight, eps)
-        return model.lm_head(h).float()[0]
+        return model.lm_head.forward(h).float()[0]
 
     def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, i: int, pos: int) -> torch.Tensor:
         """``kernels.rope_attend`` in ATen ops (CPUs without AVX-512, other cache dtypes): the decoder's math."""
