@@ -80,6 +80,7 @@ class CPUGenerator(Generator):
         self.v_views = [self.cache.v[i, 0] for i in range(cfg.num_layers)]
         # the ops around the GEMVs as C++ calls (csrc/decode.cpp) where they run
         norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.row_fns = None  # per layer: the four linears' one-row calls (made on first use)
         self.fused = (
             kernels.has_avx512()
             and self.cache.k.dtype == torch.float32
@@ -94,7 +95,7 @@ class CPUGenerator(Generator):
         model, cfg = self.model, self.model.config
         if pos + 1 > self.cache.max_len:
             raise ValueError(f"sequence of {pos + 1} tokens exceeds the KV cache ({self.cache.max_len})")
-        n_heads, d = cfg.num_heads, cfg.head_dim
+        d = cfg.head_dim
         x = model.model.embed_tokens.weight[token : token + 1]  # [1, hidden]
         cos, sin = model.rope(pos, 1, x.dtype)  # [1, d]
         sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
@@ -109,20 +110,28 @@ class CPUGenerator(Generator):
         return model.lm_head(model.model.norm.forward(x)).float()[0]
 
     def _decode_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
-        """The step with the C++ ops of csrc/decode.cpp between the GEMVs: residual add + RMSNorm, attention
-        (RoPE, cache write, softmax), silu * up."""
+        """The step with the C++ ops of csrc/decode.cpp between the GEMVs (residual add + RMSNorm, attention with
+        RoPE and the cache write, silu * up) and each linear as its bare one-row kernel call (``row_fn``)."""
+        if self.row_fns is None:
+            self.row_fns = [
+                tuple(
+                    _row_fn(m)
+                    for m in (ly.self_attn.qkv_proj, ly.self_attn.o_proj, ly.mlp.gate_up_proj, ly.mlp.down_proj)
+                )
+                for ly in self.model.model.layers
+            ]
+            self.lm_head_fn = _row_fn(self.model.lm_head)
         model, n_heads = self.model, self.model.config.num_heads
         eps = self.model.config.rms_norm_eps
         delta = None
-        for i, layer in enumerate(model.model.layers):  # .forward: no module-call machinery (hooks) per linear
-            attn, mlp = layer.self_attn, layer.mlp
+        for i, layer in enumerate(model.model.layers):
+            qkv, o, gate_up, down = self.row_fns[i]
             x, h = kernels.add_rmsnorm(x, delta, layer.input_layernorm.weight, eps)
-            qkv = attn.qkv_proj.forward(h)
-            out = kernels.rope_attend(qkv, cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
-            x, h = kernels.add_rmsnorm(x, attn.o_proj.forward(out), layer.post_attention_layernorm.weight, eps)
-            delta = mlp.down_proj.forward(kernels.silu_mul(mlp.gate_up_proj.forward(h)))
+            out = kernels.rope_attend(qkv(h), cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
+            x, h = kernels.add_rmsnorm(x, o(out), layer.post_attention_layernorm.weight, eps)
+            delta = down(kernels.silu_mul(gate_up(h)))
         _, h = kernels.add_rmsnorm(x, delta, model.model.norm.weight, eps)
-        return model.lm_head.forward(h).float()[0]
+        return self.lm_head_fn(h).float()[0]
 
     def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, i: int, pos: int) -> torch.Tensor:
         """``kernels.rope_attend`` in ATen ops (CPUs without AVX-512, other cache dtypes): the decoder's math."""
@@ -138,6 +147,11 @@ class CPUGenerator(Generator):
         q = qk[:n_heads].to(k.dtype).view(n_kv, n_heads // n_kv, d)
         probs = (torch.matmul(q, k.transpose(-1, -2)) * d**-0.5).float().softmax(-1).to(v.dtype)
         return torch.matmul(probs, v).to(qkv.dtype).view(1, q_out)
+
+
+def _row_fn(linear: torch.nn.Module):
+    """A linear's one-row call: its bare kernel where it has one, else its forward (no module-call machinery)."""
+    return linear.row_fn() if hasattr(linear, "row_fn") else linear.forward
 
 
 def build_checkpoint(model: str, scheme: str) -> Path:

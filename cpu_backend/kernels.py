@@ -25,6 +25,12 @@ def load() -> None:
     )
 
 
+def op(name: str):
+    """The C++ kernel ``name`` as its bare overload (no overload resolution per call: the decode step's fast path)."""
+    load()
+    return getattr(torch.ops.q8chat, name).default
+
+
 def quantize_per_token(x: torch.Tensor, zero_point: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 or uint8+128 values [M, K], float32 scales [M, 1]) with the reference's rounding."""
     load()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -46,6 +48,13 @@ class BF16Linear(nn.Module):
         )
         return cls(torch.cat([m.weight for m in linears]), bias)
 
+    def row_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The one-row product as a bare kernel call (the decode step's fast path: [1, K] bf16 -> [1, N] bf16)."""
+        if not self.gemv:
+            return self.forward
+        op, w, b = kernels.op("gemv_bf16"), self.weight, self.bias
+        return lambda x: op(x, w, b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
         if self.gemv and x.numel() == self.in_features:
@@ -79,6 +88,13 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("ones", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         self.gemv = kernels.has_avx512()
+
+    def row_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The one-row product as a bare kernel call (the decode step's fast path: [1, K] bf16 -> [1, N] bf16)."""
+        if not self.gemv:
+            return self.forward
+        op, w, ws, b = kernels.op("gemv_w8a16"), self.weight, self.w_scale, self.bias
+        return lambda x: op(x, w, ws, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -161,6 +177,14 @@ class Int8Linear(nn.Module):
             q, x_scale, self.x_zero, self.packed, w_scale, self.w_zero, bias,
             1.0, 0, out_dtype, "none", [], "",
         )  # fmt: skip
+
+    def row_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The one-row product as a bare kernel call (the decode step's fast path: [1, K] bf16 -> [1, N] bf16)."""
+        if not self.vnni:
+            return self.forward
+        op, args = kernels.op("gemv_w8a8"), (self.vnni_weight, self.vnni_comp, self.w_scale, self.bias)
+        static, n = self.static_scale, self.out_features
+        return lambda x: op(x, *args, static, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
