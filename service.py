@@ -27,10 +27,11 @@ def backend_label(name: str) -> str:
 
 
 # The default engine follows the measurement among maintained engines for the page's default scheme, BF16
-# (bench/results/cpu_latency*.md; IPEX is legacy and never the default): OpenVINO decodes BF16 faster than our
-# engine on both CPUs measured (Xeon AMX 29.4 vs 46.1 ms, EPYC 21.2 vs 24.1), so it is the default wherever its
-# venv is built; otherwise our CPU engine. Q8CHAT_BACKEND overrides.
-DEFAULT_ORDER = ("openvino", "cpu")
+# (bench/results/cpu_latency.md; IPEX is legacy and never the default): on the Xeon AMX our engine decodes BF16
+# in 0.50x OpenVINO's time per round and prefills 512 tokens in 0.57x (2026-12-01, after the C++ decode step;
+# before it OpenVINO led, 25.4 vs 28.8 ms in the previous run), so our CPU engine is the default everywhere.
+# Q8CHAT_BACKEND overrides.
+DEFAULT_ORDER = ("cpu",)
 
 
 def default_backend() -> str:
