@@ -52,8 +52,11 @@ class CPUEngine(GeneratorBackend):
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         max_len = min(decoder.config.max_position_embeddings, max_context)
-        # float32 KV cache: CPU attention matmuls at decode shapes run faster in float32 than in BF16
-        self.generator = CPUGenerator(decoder, self.tokenizer, eos, max_len, cache_dtype=torch.float32)
+        # KV cache: bf16 for the C++ decode step, which reads it as float32 (the cache holds bf16 values either
+        # way: half the bytes, the same arithmetic); float32 for the ATen step, whose attention matmuls run
+        # faster in float32 than in BF16 at decode shapes
+        cache_dtype = torch.bfloat16 if fused_step_runs(decoder) else torch.float32
+        self.generator = CPUGenerator(decoder, self.tokenizer, eos, max_len, cache_dtype=cache_dtype)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -78,15 +81,8 @@ class CPUGenerator(Generator):
         cfg = model.config
         self.k_views = [self.cache.k[i, 0] for i in range(cfg.num_layers)]  # [kv_heads, max_len, head_dim]
         self.v_views = [self.cache.v[i, 0] for i in range(cfg.num_layers)]
-        # the ops around the GEMVs as C++ calls (csrc/decode.cpp) where they run
-        norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.row_fns = None  # per layer: the four linears' one-row calls (made on first use)
-        self.fused = (
-            kernels.has_avx512()
-            and self.cache.k.dtype == torch.float32
-            and cfg.head_dim in (64, 128)
-            and all(w.dtype == torch.bfloat16 for w in [*norms, model.model.norm.weight])
-        )
+        self.fused = fused_step_runs(model) and self.cache.k.dtype in (torch.float32, torch.bfloat16)
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
@@ -147,6 +143,17 @@ class CPUGenerator(Generator):
         q = qk[:n_heads].to(k.dtype).view(n_kv, n_heads // n_kv, d)
         probs = (torch.matmul(q, k.transpose(-1, -2)) * d**-0.5).float().softmax(-1).to(v.dtype)
         return torch.matmul(probs, v).to(qkv.dtype).view(1, q_out)
+
+
+def fused_step_runs(model: Decoder) -> bool:
+    """Whether the decode step's C++ ops (csrc/decode.cpp) run for ``model`` on this CPU."""
+    layers = model.model.layers
+    norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return (
+        kernels.has_avx512()
+        and model.config.head_dim in (64, 128)
+        and all(w.dtype == torch.bfloat16 for w in [*norms, model.model.norm.weight])
+    )
 
 
 def _row_fn(linear: torch.nn.Module):

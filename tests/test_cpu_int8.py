@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cpu_backend import kernels
-from cpu_backend.engine import CPUEngine, load_int8
+from cpu_backend.engine import CPUEngine, CPUGenerator, load_int8
 from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, fuse_int8
 from models.backend import RequestError, SamplingParams
 from models.chat import build_prompt
@@ -217,7 +217,11 @@ def test_lean_decode_step_follows_the_decoder(checkpoints, scheme, fused):
     assert gen.lean
     if fused and not gen.fused:
         pytest.skip("this CPU has no AVX-512: the lean step runs ATen ops")
-    gen.fused = fused
+    if not fused:  # the ATen step, on the float32 cache it gets where the C++ step does not run
+        gen = CPUGenerator(gen.model, gen.tokenizer, gen.eos_ids, gen.max_len, cache_dtype=torch.float32)
+        gen.fused = False
+    else:  # the C++ step reads a bf16 cache (the same values as float32: RoPE'd k and v are bf16)
+        assert gen.cache.k.dtype == torch.bfloat16
     ids = torch.randint(100, 40000, (1, 28), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         cache = gen.model.new_cache(1, gen.max_len, torch.float32)

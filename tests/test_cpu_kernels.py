@@ -131,17 +131,22 @@ def attention_reference(qkv, cos, sin, kc, vc, pos, n_heads):
 @pytest.mark.skipif(not kernels.has_avx512(), reason="this CPU has no AVX-512 (decode attention stays on ATen)")
 @pytest.mark.parametrize("n_heads,n_kv,d", [(9, 3, 64), (32, 8, 128), (4, 4, 64)])
 @pytest.mark.parametrize("pos", [0, 5, 16, 31, 200])
-def test_rope_attend_matches_the_aten_attention(n_heads, n_kv, d, pos):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_rope_attend_matches_the_aten_attention(n_heads, n_kv, d, pos, cache_dtype):
     """RoPE and the cache writes bit for bit; the attention output to bf16 rounding (float32 sums in another
-    order, our exp); positions around multiples of 16 exercise the score blocks' tails."""
+    order, our exp); positions around multiples of 16 exercise the score blocks' tails. A bf16 cache holds the
+    same values as a float32 one (RoPE'd k and v are bf16 numbers), so it gives the very same output."""
     g = torch.Generator().manual_seed(pos + d)
     qkv = (torch.randn(1, (n_heads + 2 * n_kv) * d, generator=g) * 3).bfloat16()
     cos, sin = torch.randn(1, d, generator=g).bfloat16(), torch.randn(1, d, generator=g).bfloat16()
-    kc, vc = torch.randn(n_kv, 256, d, generator=g), torch.randn(n_kv, 256, d, generator=g)
-    kc2, vc2 = kc.clone(), vc.clone()
+    kc = torch.randn(n_kv, 256, d, generator=g).bfloat16().float()  # cache contents: bf16 values
+    vc = torch.randn(n_kv, 256, d, generator=g).bfloat16().float()
+    kc2, vc2 = kc.to(cache_dtype), vc.to(cache_dtype)
     expected = attention_reference(qkv, cos, sin, kc, vc, pos, n_heads)
     got = kernels.rope_attend(qkv, cos, sin, kc2, vc2, pos, n_heads)
-    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    assert torch.equal(kc2.float(), kc) and torch.equal(vc2.float(), vc)
+    if cache_dtype == torch.bfloat16:
+        assert torch.equal(got, kernels.rope_attend(qkv, cos, sin, kc.clone(), vc.clone(), pos, n_heads))
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
     torch.testing.assert_close(got.float(), expected.float(), atol=1e-3, rtol=2**-7)
     assert (got == expected).float().mean() > 0.95

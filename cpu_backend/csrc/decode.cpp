@@ -40,9 +40,18 @@ Q8_AVX512 inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
 }
 
+// 16 cache values as float32: the cache is float32 or bf16 (bf16 holds the same values: k after RoPE and v are
+// bf16 numbers, so the attention's arithmetic is the same either way, on half the bytes)
+Q8_AVX512 inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
+Q8_AVX512 inline __m512 load_row(const at::BFloat16* p) { return q8::load16(p, 0xffff); }
+Q8_AVX512 inline void store_row(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+Q8_AVX512 inline void store_row(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), q8::to_bf16(v));  // exact: v holds a bf16 value
+}
+
 // One query head (float32 [d], rotated) over the rows 0..seq-1 of its kv head; p: scratch for seq (+15) floats.
-template <int DV>
-Q8_AVX512 void attend_head(const float* q, const float* k, const float* v, int64_t seq, float scale, float* p,
+template <int DV, typename C>
+Q8_AVX512 void attend_head(const float* q, const C* k, const C* v, int64_t seq, float scale, float* p,
                            at::BFloat16* out) {
   constexpr int64_t d = DV * 16;
   __m512 qv[DV];
@@ -54,8 +63,8 @@ Q8_AVX512 void attend_head(const float* q, const float* k, const float* v, int64
     for (int64_t i = 0; i < 16; ++i) {
       acc[i] = _mm512_setzero_ps();
       if (i < n) {
-        const float* ks = k + (s0 + i) * d;
-        for (int j = 0; j < DV; ++j) acc[i] = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(ks + 16 * j), acc[i]);
+        const C* ks = k + (s0 + i) * d;
+        for (int j = 0; j < DV; ++j) acc[i] = _mm512_fmadd_ps(qv[j], load_row(ks + 16 * j), acc[i]);
       }
     }
     _mm512_storeu_ps(p + s0, _mm512_mul_ps(sum16(acc), vscale));  // p holds seq rounded up to 16
@@ -76,19 +85,20 @@ Q8_AVX512 void attend_head(const float* q, const float* k, const float* v, int64
   for (int j = 0; j < DV; ++j) o[j] = _mm512_setzero_ps();
   for (int64_t s = 0; s < seq; ++s) {
     const __m512 ps = _mm512_set1_ps(p[s] * inv);
-    for (int j = 0; j < DV; ++j) o[j] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(v + s * d + 16 * j), o[j]);
+    for (int j = 0; j < DV; ++j) o[j] = _mm512_fmadd_ps(ps, load_row(v + s * d + 16 * j), o[j]);
   }
   for (int j = 0; j < DV; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * j), q8::to_bf16(o[j]));
 }
 
-// RoPE of one head: y = bf16(bf16(x cos) + bf16(roll(x, d/2) sin)) in float32, d a multiple of 32
-Q8_AVX512 void rope_head(const at::BFloat16* x, const at::BFloat16* c, const at::BFloat16* sn, int64_t d, float* y) {
+// RoPE of one head: y = bf16(bf16(x cos) + bf16(roll(x, d/2) sin)), d a multiple of 32, stored as float32 or bf16
+template <typename Y>
+Q8_AVX512 void rope_head(const at::BFloat16* x, const at::BFloat16* c, const at::BFloat16* sn, int64_t d, Y* y) {
   const int64_t half = d / 2;
   for (int64_t j = 0; j < d; j += 16) {
     const __m512 xv = q8::load16(x + j, 0xffff), rv = q8::load16(x + (j + half) % d, 0xffff);
     const __m512 a = round_bf16(_mm512_mul_ps(xv, q8::load16(c + j, 0xffff)));
     const __m512 b = round_bf16(_mm512_mul_ps(rv, q8::load16(sn + j, 0xffff)));
-    _mm512_storeu_ps(y + j, round_bf16(_mm512_add_ps(a, b)));
+    store_row(y + j, round_bf16(_mm512_add_ps(a, b)));
   }
 }
 
@@ -133,8 +143,9 @@ Q8_AVX512 void silu_mul_row(const at::BFloat16* gu, int64_t n, at::BFloat16* y) 
   }
 }
 
-Q8_AVX512 void widen_row(const at::BFloat16* x, int64_t d, float* y) {
-  for (int64_t j = 0; j < d; j += 16) _mm512_storeu_ps(y + j, q8::load16(x + j, 0xffff));
+template <typename Y>
+Q8_AVX512 void copy_row(const at::BFloat16* x, int64_t d, Y* y) {
+  for (int64_t j = 0; j < d; j += 16) store_row(y + j, q8::load16(x + j, 0xffff));
 }
 #endif
 
@@ -145,10 +156,11 @@ Q8_AVX512 void widen_row(const at::BFloat16* x, int64_t d, float* y) {
 torch::Tensor rope_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                           torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos, int64_t n_heads) {
   TORCH_CHECK(q8::has_avx512(), "rope_attend needs AVX-512");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.scalar_type() == torch::kFloat && k_cache.is_contiguous() &&
-              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == torch::kFloat && v_cache.is_contiguous(),
-              "float32 caches [kv_heads, max_len, head_dim]");
-  const int64_t n_kv = k_cache.size(0), max_len = k_cache.size(1), d = k_cache.size(2), half = d / 2;
+  const auto ct = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 3 && (ct == torch::kFloat || ct == torch::kBFloat16) && k_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == ct && v_cache.is_contiguous(),
+              "float32 or bf16 caches [kv_heads, max_len, head_dim]");
+  const int64_t n_kv = k_cache.size(0), max_len = k_cache.size(1), d = k_cache.size(2);
   TORCH_CHECK((d == 64 || d == 128) && n_heads % n_kv == 0 && pos >= 0 && pos < max_len, "bad head_dim, heads or position");
   TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 && qkv.is_contiguous() && qkv.numel() == (n_heads + 2 * n_kv) * d);
   TORCH_CHECK(cos.scalar_type() == torch::kBFloat16 && sin.scalar_type() == torch::kBFloat16 && cos.numel() == d &&
@@ -156,29 +168,35 @@ torch::Tensor rope_attend(const torch::Tensor& qkv, const torch::Tensor& cos, co
   const at::BFloat16* x = qkv.data_ptr<at::BFloat16>();
   const at::BFloat16* c = cos.data_ptr<at::BFloat16>();
   const at::BFloat16* sn = sin.data_ptr<at::BFloat16>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   auto out = torch::empty({1, n_heads * d}, torch::dtype(torch::kBFloat16));
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const int64_t g = n_heads / n_kv, seq = pos + 1, seq_pad = (seq + 15) / 16 * 16;
   const float scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));  // Python's d ** -0.5
 #if defined(__x86_64__)
-  std::vector<float> q(n_heads * d);
-  for (int64_t h = 0; h < n_heads + n_kv; ++h)
-    rope_head(x + h * d, c, sn, d, h < n_heads ? q.data() + h * d : kc + ((h - n_heads) * max_len + pos) * d);
-  for (int64_t h = 0; h < n_kv; ++h) widen_row(x + (n_heads + n_kv + h) * d, d, vc + (h * max_len + pos) * d);
-  // query heads in parallel once there is enough to read (short contexts: one thread, no fork/join)
-  at::parallel_for(0, n_heads, seq * d >= 8192 ? 1 : n_heads, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(seq_pad);
-    for (int64_t h = begin; h < end; ++h) {
-      const float* kh = kc + (h / g) * max_len * d;
-      const float* vh = vc + (h / g) * max_len * d;
-      if (d == 64)
-        attend_head<4>(q.data() + h * d, kh, vh, seq, scale, p.data(), op + h * d);
-      else
-        attend_head<8>(q.data() + h * d, kh, vh, seq, scale, p.data(), op + h * d);
+  auto run = [&](auto* kc, auto* vc) {
+    std::vector<float> q(n_heads * d);
+    for (int64_t h = 0; h < n_heads; ++h) rope_head(x + h * d, c, sn, d, q.data() + h * d);
+    for (int64_t h = 0; h < n_kv; ++h) {
+      rope_head(x + (n_heads + h) * d, c, sn, d, kc + (h * max_len + pos) * d);
+      copy_row(x + (n_heads + n_kv + h) * d, d, vc + (h * max_len + pos) * d);
     }
-  });
+    // query heads in parallel once there is enough to read (short contexts: one thread, no fork/join)
+    at::parallel_for(0, n_heads, seq * d >= 8192 ? 1 : n_heads, [&](int64_t begin, int64_t end) {
+      std::vector<float> p(seq_pad);
+      for (int64_t h = begin; h < end; ++h) {
+        const auto* kh = kc + (h / g) * max_len * d;
+        const auto* vh = vc + (h / g) * max_len * d;
+        if (d == 64)
+          attend_head<4>(q.data() + h * d, kh, vh, seq, scale, p.data(), op + h * d);
+        else
+          attend_head<8>(q.data() + h * d, kh, vh, seq, scale, p.data(), op + h * d);
+      }
+    });
+  };
+  if (k_cache.scalar_type() == torch::kFloat)
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  else
+    run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
 #endif
   return out;
 }
