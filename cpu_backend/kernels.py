@@ -98,14 +98,14 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 def add_rmsnorm(
     x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One bf16 row: (x + delta rounded to bf16, or x; RMSNorm of that times ``weight``, with the decoder's bf16
-    rounding points; the mean of squares summed in our order)."""
+    """bf16 rows [M, n]: (x + delta rounded to bf16, or x; RMSNorm of that times ``weight``, with the decoder's
+    bf16 rounding points; the mean of squares summed in our order)."""
     load()
     return torch.ops.q8chat.add_rmsnorm(x, delta, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[1, 2I] bf16 (gate | up) -> silu(gate) * up, [1, I] bf16, rounded as the decoder's bf16 ops round."""
+    """[M, 2I] bf16 (gate | up) -> silu(gate) * up, [M, I] bf16, rounded as the decoder's bf16 ops round."""
     load()
     return torch.ops.q8chat.silu_mul(gate_up)
 
@@ -124,6 +124,22 @@ def rope_attend(
     attention over positions 0..pos in float32 -> [1, H d] bf16."""
     load()
     return torch.ops.q8chat.rope_attend(qkv, cos, sin, k_cache, v_cache, pos, n_heads)
+
+
+def rope_rows(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: int,
+    n_heads: int,
+) -> torch.Tensor:
+    """A prefill's RoPE (csrc/decode.cpp): ``qkv`` [M, (H + 2 KV) d] bf16 at positions start.., ``cos`` / ``sin``
+    [M, d] (``sin`` with its first half negated); rotated k and v written to the bf16 caches [KV, max_len, d];
+    returns the rotated queries [H, M, d] bf16. The decoder's elementwise rounding, bit for bit."""
+    load()
+    return torch.ops.q8chat.rope_rows(qkv, cos, sin, k_cache, v_cache, start, n_heads)
 
 
 def pack_vnni(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from cpu_backend.engine import CPUEngine, CPUGenerator, load_int8
 from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, fuse_int8
 from models.backend import RequestError, SamplingParams
 from models.chat import build_prompt
+from models.generate import Generator
 from quant.checkpoint import load_checkpoint
 from quant.reference import QuantLinearRef, quantize_per_token_int8, quantize_weight
 
@@ -45,6 +46,33 @@ def test_per_tensor_quantization_is_bit_exact_with_the_reference(dtype):
     ref = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
     assert torch.equal(kernels.quantize_per_tensor(x, float(scale), 0), ref)
     assert torch.equal(kernels.quantize_per_tensor(x, float(scale), 128).int() - 128, ref.int())
+
+
+def near_halves(scale: torch.Tensor, n: int = 127) -> torch.Tensor:
+    """float32 values whose quotient by ``scale`` is a half-integer or a few ulps either side of one (where a
+    quantizer that multiplies by 1 / scale instead of dividing would round the other way)."""
+    x = (torch.arange(-n, n, dtype=torch.float32) + 0.5) * scale
+    steps = [x]
+    up, down = x, x
+    for _ in range(3):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(float("-inf")))
+        steps += [up, down]
+    return torch.cat(steps)
+
+
+@pytest.mark.parametrize("scale", [0.021, 0.1, 1 / 3, 7.3e-5])
+def test_quantization_rounds_near_half_integers_as_the_reference(scale):
+    """Values where multiplying by 1 / scale instead of dividing rounds the other way (~3% of them): per token
+    (scale = amax / 127) and per tensor, the quantizers must round as the reference's division does."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    x = near_halves(s)
+    ref = torch.round(x / s).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(kernels.quantize_per_tensor(x.reshape(1, -1), scale, 0), ref.reshape(1, -1))
+    rows = near_halves(s, 126).reshape(-1, 36)  # per token: a row amax of 127 * scale makes the row's scale `scale`
+    rows = torch.cat([rows, torch.full((rows.shape[0], 1), 127.0) * s], 1)
+    ref_q, ref_s = quantize_per_token_int8(rows)
+    q, qs = kernels.quantize_per_token(rows, 0)
+    assert torch.equal(q, ref_q) and torch.equal(qs, ref_s)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -227,7 +255,7 @@ def test_lean_decode_step_follows_the_decoder(checkpoints, scheme, fused):
         cache = gen.model.new_cache(1, gen.max_len, torch.float32)
         gen.model(ids[:, :20], cache, 0)
         expected = [gen.model(ids[:, i : i + 1], cache, i)[0, -1] for i in range(20, 28)]
-        gen.prefill(ids[:, :20])
+        Generator.prefill(gen, ids[:, :20])  # the decoder's prefill: this test is about the decode step
         got = [gen.decode(int(ids[0, i]), i) for i in range(20, 28)]
     for a, b in zip(got, expected, strict=True):
         if fused:
@@ -235,3 +263,36 @@ def test_lean_decode_step_follows_the_decoder(checkpoints, scheme, fused):
             assert (a - b).abs().max() <= 0.03 * b.abs().max(), ((a - b).abs().max(), b.abs().max())
         else:
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+TEXT = (
+    "The river rises in the hills north of the town and runs south through farmland for about forty miles before "
+    "it reaches the sea. In the nineteenth century mills were built along its banks, and the town grew around "
+    "them; today most of the mills are gone, but the old stone bridge still carries the main road across"
+)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "bf16"])
+def test_fused_prefill_follows_the_decoder(checkpoints, scheme):
+    """The prefill with the C++ row ops (RMSNorm, RoPE + cache write, silu * up) between the GEMMs: the decoder's
+    elementwise rounding and attention, the norm's sums in their own order. On real text, the prefill's logits and
+    those of the decode steps that continue from its cache stay within a few bf16 steps of the decoder's (float32
+    cache) and pick its tokens wherever the decoder's top two are not a near tie."""
+    engine = CPUEngine("smollm2-135m", scheme, checkpoint=checkpoints.get(scheme), max_context=96)
+    gen = engine.generator
+    if not gen.fused:
+        pytest.skip("this CPU has no AVX-512: prefill runs the decoder's ATen ops")
+    ids = torch.tensor([engine.tokenizer.encode(TEXT)])
+    n = ids.shape[1]
+    p = n - 6
+    with torch.inference_mode():
+        cache = gen.model.new_cache(1, gen.max_len, torch.float32)
+        expected = [gen.model(ids[:, :p], cache, 0)[0, -1]]
+        expected += [gen.model(ids[:, i : i + 1], cache, i)[0, -1] for i in range(p, n)]
+        got = [gen.prefill(ids[:, :p])] + [gen.decode(int(ids[0, i]), i) for i in range(p, n)]
+    for a, b in zip(got, expected, strict=True):
+        tol = 0.03 * b.abs().max()
+        assert (a - b).abs().max() <= tol
+        top2 = b.topk(2).values
+        if top2[0] - top2[1] > tol:
+            assert int(a.argmax()) == int(b.argmax())

@@ -166,12 +166,13 @@ def test_rope_attend_refuses_what_it_does_not_run():
 
 @pytest.mark.skipif(not kernels.has_avx512(), reason="this CPU has no AVX-512")
 @pytest.mark.parametrize("n", [576, 2048, 70])
-def test_add_rmsnorm_and_silu_mul_match_the_decoder(n):
+@pytest.mark.parametrize("rows", [1, 37])  # a decode step's row, a prefill's rows (in parallel)
+def test_add_rmsnorm_and_silu_mul_match_the_decoder(n, rows):
     """The decoder's bf16 rounding points; the mean of squares and exp are ours, so a bf16 step now and then."""
     from models.decoder import RMSNorm
 
     g = torch.Generator().manual_seed(n)
-    x, delta = (torch.randn(1, n, generator=g) * 4).bfloat16(), torch.randn(1, n, generator=g).bfloat16()
+    x, delta = (torch.randn(rows, n, generator=g) * 4).bfloat16(), torch.randn(rows, n, generator=g).bfloat16()
     norm = RMSNorm(n, 1e-5).to(torch.bfloat16)
     norm.weight.data = torch.rand(n, generator=g).bfloat16() + 0.5
     x_out, y = kernels.add_rmsnorm(x, delta, norm.weight.data, 1e-5)
@@ -185,9 +186,37 @@ def test_add_rmsnorm_and_silu_mul_match_the_decoder(n):
     with torch.no_grad():
         torch.testing.assert_close(y2.float(), norm(x).float(), atol=0, rtol=2**-7)
 
-    gu = (torch.randn(1, 2 * n, generator=g) * 3).bfloat16()
+    gu = (torch.randn(rows, 2 * n, generator=g) * 3).bfloat16()
     gate, up = gu.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     got = kernels.silu_mul(gu)
     torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=2**-7)
     assert (got == expected).float().mean() > 0.98
+
+
+@pytest.mark.skipif(not kernels.has_avx512(), reason="this CPU has no AVX-512 (prefill RoPE stays on ATen)")
+@pytest.mark.parametrize("n_heads,n_kv,d", [(9, 3, 64), (32, 8, 128)])
+@pytest.mark.parametrize("start", [0, 7])
+def test_rope_rows_is_the_decoders_rope_bit_for_bit(n_heads, n_kv, d, start):
+    """A prefill's RoPE (rotate_half, the decoder's bf16 rounding), the rotated k and v in the cache at their
+    positions (nothing else touched), the queries head-major."""
+    from models.decoder import rotate_half
+
+    g = torch.Generator().manual_seed(d + start)
+    t = 21
+    qkv = (torch.randn(t, (n_heads + 2 * n_kv) * d, generator=g) * 3).bfloat16()
+    cos, sin = torch.randn(t, d, generator=g).bfloat16(), torch.randn(t, d, generator=g).bfloat16()
+    kc, vc = torch.randn(n_kv, 64, d, generator=g).bfloat16(), torch.randn(n_kv, 64, d, generator=g).bfloat16()
+    kc0, vc0 = kc.clone(), vc.clone()
+    signed = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
+    q = kernels.rope_rows(qkv, cos, signed, kc, vc, start, n_heads)
+    heads = qkv.view(t, n_heads + 2 * n_kv, d).transpose(0, 1)  # [heads, t, d]
+    rotated = heads[: n_heads + n_kv] * cos + rotate_half(heads[: n_heads + n_kv]) * sin
+    assert q.shape == (n_heads, t, d) and torch.equal(q, rotated[:n_heads])
+    assert torch.equal(kc[:, start : start + t], rotated[n_heads:])
+    assert torch.equal(vc[:, start : start + t], heads[n_heads + n_kv :])
+    for cache, before in ((kc, kc0), (vc, vc0)):
+        assert torch.equal(cache[:, :start], before[:, :start])
+        assert torch.equal(cache[:, start + t :], before[:, start + t :])
+    with pytest.raises(RuntimeError, match="positions"):
+        kernels.rope_rows(qkv, cos, signed, kc, vc, 64 - t + 1, n_heads)

@@ -1,7 +1,8 @@
 // The decode step's ops around the GEMVs, one C++ call each, for one token (they replace ~40 small ATen ops per
-// layer, which cost more than the attention's arithmetic at these sizes):
-// - add_rmsnorm: the residual add and RMSNorm with the decoder's bf16 rounding points;
-// - silu_mul: silu(gate) * up, rounded as the decoder's bf16 ops round;
+// layer, which cost more than the attention's arithmetic at these sizes), and the prefill's elementwise ops:
+// - add_rmsnorm: the residual add and RMSNorm with the decoder's bf16 rounding points (rows in parallel);
+// - silu_mul: silu(gate) * up, rounded as the decoder's bf16 ops round (rows in parallel);
+// - rope_rows: a prefill's RoPE and cache write (the rotated queries come back head-major for attention);
 // - rope_attend: the attention of one sequence: RoPE on q and k (the lean decode loop's bf16
 // rounding points: q*cos, roll(q)*sin and their sum each rounded to bf16), k and v written to the float32
 // cache at `pos`, then softmax(q k^T / sqrt(d)) v over positions 0..pos for every query head (grouped-query
@@ -201,42 +202,92 @@ torch::Tensor rope_attend(const torch::Tensor& qkv, const torch::Tensor& cos, co
   return out;
 }
 
-// x [1, n] bf16 (+ delta [1, n] bf16) -> (x + delta rounded to bf16, or x itself; rmsnorm(that) * weight, bf16)
+// x [M, n] bf16 (+ delta [M, n] bf16) -> (x + delta rounded to bf16, or x itself; rmsnorm(that) * weight, bf16),
+// row by row (a decode step's one row, or a prefill's M)
 std::tuple<torch::Tensor, torch::Tensor> add_rmsnorm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
                                                      const torch::Tensor& weight, double eps) {
   TORCH_CHECK(q8::has_avx512(), "add_rmsnorm needs AVX-512");
-  const int64_t n = x.numel();
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(0) == 1, "one bf16 row");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.dim() == 2, "bf16 rows [M, n]");
+  const int64_t rows = x.size(0), n = x.size(1);
   TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() && weight.numel() == n);
   const bool has_delta = delta.has_value() && delta->defined();
   if (has_delta)
-    TORCH_CHECK(delta->scalar_type() == torch::kBFloat16 && delta->is_contiguous() && delta->numel() == n);
+    TORCH_CHECK(delta->scalar_type() == torch::kBFloat16 && delta->is_contiguous() && delta->numel() == x.numel());
   auto x_out = has_delta ? torch::empty_like(x) : x;
   auto y = torch::empty_like(x);
 #if defined(__x86_64__)
-  add_rmsnorm_row(x.data_ptr<at::BFloat16>(), has_delta ? delta->data_ptr<at::BFloat16>() : nullptr,
-                  weight.data_ptr<at::BFloat16>(), n, static_cast<float>(eps), x_out.data_ptr<at::BFloat16>(),
-                  y.data_ptr<at::BFloat16>());
+  const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *dp = has_delta ? delta->data_ptr<at::BFloat16>() : nullptr;
+  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+  at::BFloat16 *xo = x_out.data_ptr<at::BFloat16>(), *yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      add_rmsnorm_row(xp + r * n, dp ? dp + r * n : nullptr, wp, n, static_cast<float>(eps), xo + r * n, yp + r * n);
+  });
 #endif
   return {x_out, y};
 }
 
-// gate_up [1, 2I] bf16 (gate | up) -> silu(gate) * up [1, I] bf16
+// gate_up [M, 2I] bf16 (gate | up) -> silu(gate) * up [M, I] bf16
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   TORCH_CHECK(q8::has_avx512(), "silu_mul needs AVX-512");
   TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16 && gate_up.is_contiguous() && gate_up.dim() == 2 &&
-              gate_up.size(0) == 1 && gate_up.size(1) % 2 == 0, "one bf16 row [1, 2I]");
-  const int64_t n = gate_up.size(1) / 2;
-  auto y = torch::empty({1, n}, gate_up.options());
+              gate_up.size(1) % 2 == 0, "bf16 rows [M, 2I]");
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  auto y = torch::empty({rows, n}, gate_up.options());
 #if defined(__x86_64__)
-  silu_mul_row(gate_up.data_ptr<at::BFloat16>(), n, y.data_ptr<at::BFloat16>());
+  const at::BFloat16* gp = gate_up.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(gp + r * 2 * n, n, yp + r * n);
+  });
 #endif
   return y;
+}
+
+// A prefill's RoPE and cache write: qkv [M, (H + 2 KV) d] bf16 for positions start..start+M-1, cos / sin [M, d]
+// bf16 (sin with its first half negated); k (rotated) and v go to the bf16 caches [KV, max_len, d] at those
+// positions; returns the rotated queries as [H, M, d] bf16 (the layout attention reads). Same rounding as
+// rope_attend's (the decoder's bit for bit: elementwise only).
+torch::Tensor rope_rows(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                        torch::Tensor k_cache, torch::Tensor v_cache, int64_t start, int64_t n_heads) {
+  TORCH_CHECK(q8::has_avx512(), "rope_rows needs AVX-512");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.scalar_type() == torch::kBFloat16 && k_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == torch::kBFloat16 && v_cache.is_contiguous(),
+              "bf16 caches [kv_heads, max_len, head_dim]");
+  const int64_t n_kv = k_cache.size(0), max_len = k_cache.size(1), d = k_cache.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == torch::kBFloat16 && qkv.is_contiguous() &&
+              qkv.size(1) == (n_heads + 2 * n_kv) * d, "qkv [M, (H + 2 KV) d] bf16");
+  const int64_t rows = qkv.size(0);
+  TORCH_CHECK(d % 32 == 0 && n_heads % n_kv == 0 && start >= 0 && start + rows <= max_len, "bad head_dim, heads or positions");
+  TORCH_CHECK(cos.scalar_type() == torch::kBFloat16 && sin.scalar_type() == torch::kBFloat16 && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == rows * d && sin.numel() == rows * d, "cos / sin [M, d] bf16");
+  auto q = torch::empty({n_heads, rows, d}, qkv.options());
+#if defined(__x86_64__)
+  const at::BFloat16 *x = qkv.data_ptr<at::BFloat16>(), *c = cos.data_ptr<at::BFloat16>(),
+                     *sn = sin.data_ptr<at::BFloat16>();
+  at::BFloat16 *qp = q.data_ptr<at::BFloat16>(), *kc = k_cache.data_ptr<at::BFloat16>(),
+               *vc = v_cache.data_ptr<at::BFloat16>();
+  const int64_t width = (n_heads + 2 * n_kv) * d;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const at::BFloat16* xr = x + r * width;
+      for (int64_t h = 0; h < n_heads; ++h) rope_head(xr + h * d, c + r * d, sn + r * d, d, qp + (h * rows + r) * d);
+      for (int64_t h = 0; h < n_kv; ++h) {
+        const int64_t at = (h * max_len + start + r) * d;
+        rope_head(xr + (n_heads + h) * d, c + r * d, sn + r * d, d, kc + at);
+        copy_row(xr + (n_heads + n_kv + h) * d, d, vc + at);
+      }
+    }
+  });
+#endif
+  return q;
 }
 
 TORCH_LIBRARY_FRAGMENT(q8chat, m) {
   m.def("add_rmsnorm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rmsnorm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("rope_rows(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, int n_heads) -> Tensor",
+        &rope_rows);
   m.def("rope_attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_heads) -> Tensor",
         &rope_attend);
 }
