@@ -81,8 +81,8 @@ class CPUGenerator(Generator):
         cfg = model.config
         self.k_views = [self.cache.k[i, 0] for i in range(cfg.num_layers)]  # [kv_heads, max_len, head_dim]
         self.v_views = [self.cache.v[i, 0] for i in range(cfg.num_layers)]
-        self.row_fns = None  # per layer: the four linears' one-row calls (made on first use)
-        self.fused = fused_step_runs(model) and self.cache.k.dtype in (torch.float32, torch.bfloat16)
+        self.plan = None  # the C++ decode step (made on first use)
+        self.fused = fused_step_runs(model) and self.cache.k.dtype == torch.bfloat16
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -137,28 +137,11 @@ class CPUGenerator(Generator):
         return model.lm_head(model.model.norm.forward(x)).float()[0]
 
     def _decode_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
-        """The step with the C++ ops of csrc/decode.cpp between the GEMVs (residual add + RMSNorm, attention with
-        RoPE and the cache write, silu * up) and each linear as its bare one-row kernel call (``row_fn``)."""
-        if self.row_fns is None:
-            self.row_fns = [
-                tuple(
-                    _row_fn(m)
-                    for m in (ly.self_attn.qkv_proj, ly.self_attn.o_proj, ly.mlp.gate_up_proj, ly.mlp.down_proj)
-                )
-                for ly in self.model.model.layers
-            ]
-            self.lm_head_fn = _row_fn(self.model.lm_head)
-        model, n_heads = self.model, self.model.config.num_heads
-        eps = self.model.config.rms_norm_eps
-        delta = None
-        for i, layer in enumerate(model.model.layers):
-            qkv, o, gate_up, down = self.row_fns[i]
-            x, h = kernels.add_rmsnorm(x, delta, layer.input_layernorm.weight, eps)
-            out = kernels.rope_attend(qkv(h), cos, sin, self.k_views[i], self.v_views[i], pos, n_heads)
-            x, h = kernels.add_rmsnorm(x, o(out), layer.post_attention_layernorm.weight, eps)
-            delta = down(kernels.silu_mul(gate_up(h)))
-        _, h = kernels.add_rmsnorm(x, delta, model.model.norm.weight, eps)
-        return self.lm_head_fn(h).float()[0]
+        """The whole step as one C++ call (csrc/decode.cpp's DecodePlan, built on first use): per layer residual
+        add + RMSNorm, the linears' own GEMVs, RoPE + cache write + attention, silu * up; then the LM head."""
+        if self.plan is None:
+            self.plan = build_plan(self.model, self.k_views, self.v_views)
+        return self.plan.step(x, cos[0], sin[0], pos).float()[0]
 
     def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, i: int, pos: int) -> torch.Tensor:
         """``kernels.rope_attend`` in ATen ops (CPUs without AVX-512, other cache dtypes): the decoder's math."""
@@ -177,19 +160,36 @@ class CPUGenerator(Generator):
 
 
 def fused_step_runs(model: Decoder) -> bool:
-    """Whether the decode step's C++ ops (csrc/decode.cpp) run for ``model`` on this CPU."""
+    """Whether the C++ decode step (csrc/decode.cpp: DecodePlan) runs ``model`` on this CPU: AVX-512, head_dim 64 or
+    128, bf16 norms, fused q/k/v and gate/up, and a one-row kernel for every linear and the LM head."""
     layers = model.model.layers
     norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    linears = [model.lm_head]
+    for ly in layers:
+        linears += [ly.self_attn.qkv_proj, ly.self_attn.o_proj, ly.mlp.gate_up_proj, ly.mlp.down_proj]
     return (
         kernels.has_avx512()
         and model.config.head_dim in (64, 128)
         and all(w.dtype == torch.bfloat16 for w in [*norms, model.model.norm.weight])
+        and all(hasattr(m, "plan_args") and m.plan_args() is not None for m in linears)
     )
 
 
-def _row_fn(linear: torch.nn.Module):
-    """A linear's one-row call: its bare kernel where it has one, else its forward (no module-call machinery)."""
-    return linear.row_fn() if hasattr(linear, "row_fn") else linear.forward
+def build_plan(model: Decoder, k_views: list[torch.Tensor], v_views: list[torch.Tensor]):
+    """The model's decode step as a C++ DecodePlan over its tensors (no copies) and the generator's bf16 cache."""
+    kernels.load()
+    cfg = model.config
+    plan = torch.classes.q8chat.DecodePlan(cfg.num_heads, cfg.rms_norm_eps)
+    for layer, k, v in zip(model.model.layers, k_views, v_views, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            plan.add_linear(*linear.plan_args())
+        plan.add_norm(layer.input_layernorm.weight)
+        plan.add_norm(layer.post_attention_layernorm.weight)
+        plan.add_cache(k, v)
+    plan.add_linear(*model.lm_head.plan_args())
+    plan.add_norm(model.model.norm.weight)
+    return plan
 
 
 def build_checkpoint(model: str, scheme: str) -> Path:

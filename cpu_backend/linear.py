@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from cpu_backend import kernels
+
+PLAN_BF16, PLAN_W8A16, PLAN_W8A8 = 0, 1, 2  # DecodePlan's linear kinds (csrc/decode.cpp)
 
 
 class BF16Linear(nn.Module):
@@ -48,12 +48,11 @@ class BF16Linear(nn.Module):
         )
         return cls(torch.cat([m.weight for m in linears]), bias)
 
-    def row_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The one-row product as a bare kernel call (the decode step's fast path: [1, K] bf16 -> [1, N] bf16)."""
+    def plan_args(self) -> tuple | None:
+        """This linear's one-row kernel for the C++ decode step (``DecodePlan.add_linear``), None without one."""
         if not self.gemv:
-            return self.forward
-        op, w, b = kernels.op("gemv_bf16"), self.weight, self.bias
-        return lambda x: op(x, w, b)
+            return None
+        return (PLAN_BF16, self.weight, None, None, self.bias, 0.0, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
@@ -89,12 +88,11 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         self.gemv = kernels.has_avx512()
 
-    def row_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The one-row product as a bare kernel call (the decode step's fast path: [1, K] bf16 -> [1, N] bf16)."""
+    def plan_args(self) -> tuple | None:
+        """This linear's one-row kernel for the C++ decode step (``DecodePlan.add_linear``), None without one."""
         if not self.gemv:
-            return self.forward
-        op, w, ws, b = kernels.op("gemv_w8a16"), self.weight, self.w_scale, self.bias
-        return lambda x: op(x, w, ws, b)
+            return None
+        return (PLAN_W8A16, self.weight, None, self.w_scale, self.bias, 0.0, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -178,13 +176,14 @@ class Int8Linear(nn.Module):
             1.0, 0, out_dtype, "none", [], "",
         )  # fmt: skip
 
-    def row_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The one-row product as a bare kernel call (the decode step's fast path: [1, K] bf16 -> [1, N] bf16)."""
+    def plan_args(self) -> tuple | None:
+        """This linear's one-row kernel for the C++ decode step (``DecodePlan.add_linear``), None without one."""
         if not self.vnni:
-            return self.forward
-        op, args = kernels.op("gemv_w8a8"), (self.vnni_weight, self.vnni_comp, self.w_scale, self.bias)
-        static, n = self.static_scale, self.out_features
-        return lambda x: op(x, *args, static, n)
+            return None
+        return (
+            PLAN_W8A8, self.vnni_weight, self.vnni_comp, self.w_scale, self.bias, self.static_scale,
+            self.out_features, self.in_features,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

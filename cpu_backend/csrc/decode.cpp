@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 #include "vec.h"
+#include "gemv.h"
 
 namespace {
 
@@ -152,8 +153,38 @@ Q8_AVX512 void copy_row(const at::BFloat16* x, int64_t d, Y* y) {
 
 }  // namespace
 
+#if defined(__x86_64__)
+// rope_attend on raw pointers: x = qkv row, c / sn = cos / signed sin [d], caches [n_kv, max_len, d] -> out [H d]
+template <typename C>
+void rope_attend_raw(const at::BFloat16* x, const at::BFloat16* c, const at::BFloat16* sn, C* kc, C* vc,
+                     int64_t n_kv, int64_t max_len, int64_t d, int64_t pos, int64_t n_heads, at::BFloat16* op) {
+  const int64_t g = n_heads / n_kv, seq = pos + 1, seq_pad = (seq + 15) / 16 * 16;
+  const float scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));  // Python's d ** -0.5
+  float q_stack[64 * 128];
+  std::vector<float> q_heap(n_heads * d > 64 * 128 ? n_heads * d : 0);
+  float* q = n_heads * d > 64 * 128 ? q_heap.data() : q_stack;
+  for (int64_t h = 0; h < n_heads; ++h) rope_head(x + h * d, c, sn, d, q + h * d);
+  for (int64_t h = 0; h < n_kv; ++h) {
+    rope_head(x + (n_heads + h) * d, c, sn, d, kc + (h * max_len + pos) * d);
+    copy_row(x + (n_heads + n_kv + h) * d, d, vc + (h * max_len + pos) * d);
+  }
+  // query heads in parallel once there is enough to read (short contexts: one thread, no fork/join)
+  at::parallel_for(0, n_heads, seq * d >= 8192 ? 1 : n_heads, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(seq_pad);
+    for (int64_t h = begin; h < end; ++h) {
+      const C* kh = kc + (h / g) * max_len * d;
+      const C* vh = vc + (h / g) * max_len * d;
+      if (d == 64)
+        attend_head<4>(q + h * d, kh, vh, seq, scale, p.data(), op + h * d);
+      else
+        attend_head<8>(q + h * d, kh, vh, seq, scale, p.data(), op + h * d);
+    }
+  });
+}
+#endif
+
 // qkv [1, (H + 2 KV) d] bf16 (q | k | v), cos / sin [d] bf16 (sin with its first half negated: rotate_half as a
-// roll), k_cache / v_cache [KV, max_len, d] float32 (written at pos) -> attention output [1, H d] bf16.
+// roll), k_cache / v_cache [KV, max_len, d] float32 or bf16 (written at pos) -> attention output [1, H d] bf16.
 torch::Tensor rope_attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                           torch::Tensor k_cache, torch::Tensor v_cache, int64_t pos, int64_t n_heads) {
   TORCH_CHECK(q8::has_avx512(), "rope_attend needs AVX-512");
@@ -166,38 +197,16 @@ torch::Tensor rope_attend(const torch::Tensor& qkv, const torch::Tensor& cos, co
   TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 && qkv.is_contiguous() && qkv.numel() == (n_heads + 2 * n_kv) * d);
   TORCH_CHECK(cos.scalar_type() == torch::kBFloat16 && sin.scalar_type() == torch::kBFloat16 && cos.numel() == d &&
               sin.numel() == d && cos.is_contiguous() && sin.is_contiguous());
-  const at::BFloat16* x = qkv.data_ptr<at::BFloat16>();
-  const at::BFloat16* c = cos.data_ptr<at::BFloat16>();
-  const at::BFloat16* sn = sin.data_ptr<at::BFloat16>();
   auto out = torch::empty({1, n_heads * d}, torch::dtype(torch::kBFloat16));
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t g = n_heads / n_kv, seq = pos + 1, seq_pad = (seq + 15) / 16 * 16;
-  const float scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));  // Python's d ** -0.5
 #if defined(__x86_64__)
-  auto run = [&](auto* kc, auto* vc) {
-    std::vector<float> q(n_heads * d);
-    for (int64_t h = 0; h < n_heads; ++h) rope_head(x + h * d, c, sn, d, q.data() + h * d);
-    for (int64_t h = 0; h < n_kv; ++h) {
-      rope_head(x + (n_heads + h) * d, c, sn, d, kc + (h * max_len + pos) * d);
-      copy_row(x + (n_heads + n_kv + h) * d, d, vc + (h * max_len + pos) * d);
-    }
-    // query heads in parallel once there is enough to read (short contexts: one thread, no fork/join)
-    at::parallel_for(0, n_heads, seq * d >= 8192 ? 1 : n_heads, [&](int64_t begin, int64_t end) {
-      std::vector<float> p(seq_pad);
-      for (int64_t h = begin; h < end; ++h) {
-        const auto* kh = kc + (h / g) * max_len * d;
-        const auto* vh = vc + (h / g) * max_len * d;
-        if (d == 64)
-          attend_head<4>(q.data() + h * d, kh, vh, seq, scale, p.data(), op + h * d);
-        else
-          attend_head<8>(q.data() + h * d, kh, vh, seq, scale, p.data(), op + h * d);
-      }
-    });
-  };
-  if (k_cache.scalar_type() == torch::kFloat)
-    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  const at::BFloat16 *x = qkv.data_ptr<at::BFloat16>(), *c = cos.data_ptr<at::BFloat16>(),
+                     *sn = sin.data_ptr<at::BFloat16>();
+  if (ct == torch::kFloat)
+    rope_attend_raw(x, c, sn, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), n_kv, max_len, d, pos, n_heads,
+                    out.data_ptr<at::BFloat16>());
   else
-    run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+    rope_attend_raw(x, c, sn, k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), n_kv, max_len, d,
+                    pos, n_heads, out.data_ptr<at::BFloat16>());
 #endif
   return out;
 }
@@ -283,7 +292,119 @@ torch::Tensor rope_rows(const torch::Tensor& qkv, const torch::Tensor& cos, cons
   return q;
 }
 
+// The whole decode step in one call: every layer's residual add + RMSNorm, GEMVs (each linear's own kernel:
+// gemv.h), RoPE + cache write + attention and silu * up, then the final norm and the LM head, on buffers held by
+// the plan. The same kernels and rounding as the per-op calls it replaces (~250 per step, each ~5 us of Python
+// and dispatch on top of its arithmetic). Built once per generator from the model's tensors (CPUGenerator).
+struct DecodePlan : torch::CustomClassHolder {
+  enum Kind : int64_t { BF16 = 0, W8A16 = 1, W8A8 = 2 };
+  struct Linear {
+    int64_t kind, n, k;
+    torch::Tensor w, comp, scale, bias;
+    double static_scale;
+  };
+  int64_t n_heads;
+  double eps;
+  std::vector<Linear> linears;       // per layer qkv, o, gate_up, down; then the LM head
+  std::vector<torch::Tensor> norms;  // per layer input and post-attention norm; then the final norm
+  std::vector<torch::Tensor> k_cache, v_cache;
+  std::vector<at::BFloat16> x, h, qkv, attn, delta, gate_up, act;
+
+  DecodePlan(int64_t n_heads, double eps) : n_heads(n_heads), eps(eps) {}
+
+  void add_linear(int64_t kind, torch::Tensor w, c10::optional<torch::Tensor> comp, c10::optional<torch::Tensor> scale,
+                  c10::optional<torch::Tensor> bias, double static_scale, int64_t n, int64_t k) {
+    TORCH_CHECK(w.is_contiguous(), "contiguous weights");
+    if (kind == BF16) {
+      TORCH_CHECK(has_avx512bf16() && w.scalar_type() == torch::kBFloat16 && w.dim() == 2 && w.size(0) == n && w.size(1) == k);
+    } else if (kind == W8A16) {
+      TORCH_CHECK(q8::has_avx512() && w.scalar_type() == torch::kChar && w.dim() == 2 && w.size(0) == n && w.size(1) == k);
+      TORCH_CHECK(scale.has_value() && scale->scalar_type() == torch::kFloat && scale->is_contiguous() && scale->numel() == n);
+    } else {
+      TORCH_CHECK(kind == W8A8 && has_vnni() && w.scalar_type() == torch::kChar && w.dim() == 4 && w.size(2) == 16 &&
+                  w.size(3) == 4 && w.size(0) * 16 >= n && w.size(1) * 4 >= k && w.size(1) * 4 < k + 4, "bad linear");
+      TORCH_CHECK(comp.has_value() && comp->scalar_type() == torch::kInt && comp->numel() == w.size(0) * 16);
+      TORCH_CHECK(scale.has_value() && scale->scalar_type() == torch::kFloat && scale->is_contiguous() && scale->numel() == n);
+    }
+    torch::Tensor b;
+    if (bias.has_value() && bias->defined()) {
+      b = bias->to(torch::kFloat).contiguous();
+      TORCH_CHECK(b.numel() == n);
+    }
+    linears.push_back({kind, n, k, w, comp.value_or(torch::Tensor()), scale.value_or(torch::Tensor()), b, static_scale});
+  }
+
+  void add_norm(torch::Tensor w) {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 1, "bf16 norm weights");
+    norms.push_back(w);
+  }
+
+  void add_cache(torch::Tensor k, torch::Tensor v) {
+    TORCH_CHECK(k.dim() == 3 && k.scalar_type() == torch::kBFloat16 && k.is_contiguous() && v.sizes() == k.sizes() &&
+                v.scalar_type() == torch::kBFloat16 && v.is_contiguous(), "bf16 caches [kv_heads, max_len, head_dim]");
+    TORCH_CHECK((k.size(2) == 64 || k.size(2) == 128) && n_heads % k.size(0) == 0, "bad head_dim or heads");
+    k_cache.push_back(k);
+    v_cache.push_back(v);
+  }
+
+  void run(const Linear& l, const at::BFloat16* in, at::BFloat16* out) const {
+    const float* b = l.bias.defined() ? l.bias.data_ptr<float>() : nullptr;
+    if (l.kind == BF16)
+      gemv_bf16_raw(in, l.k, l.w.data_ptr<at::BFloat16>(), l.n, b, out);
+    else if (l.kind == W8A16)
+      gemv_w8a16_raw(in, l.k, l.w.data_ptr<int8_t>(), l.n, l.scale.data_ptr<float>(), b, out);
+    else
+      gemv_w8a8_raw(in, l.k, l.w.data_ptr<int8_t>(), l.w.size(1), l.w.size(0), l.comp.data_ptr<int32_t>(),
+                    l.scale.data_ptr<float>(), b, l.static_scale, l.n, out);
+  }
+
+  // x: the token's embedding [1, hidden] bf16; cos / sin [d] bf16 (sin's first half negated) -> logits [1, V] bf16
+  torch::Tensor step(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin, int64_t pos) {
+    const int64_t layers = static_cast<int64_t>(k_cache.size());
+    TORCH_CHECK(layers > 0 && static_cast<int64_t>(linears.size()) == 4 * layers + 1 &&
+                static_cast<int64_t>(norms.size()) == 2 * layers + 1, "incomplete decode plan");
+    const int64_t hidden = norms[0].numel(), n_kv = k_cache[0].size(0), max_len = k_cache[0].size(1),
+                  d = k_cache[0].size(2);
+    TORCH_CHECK(pos >= 0 && pos < max_len, "position past the KV cache");
+    TORCH_CHECK(x_in.scalar_type() == torch::kBFloat16 && x_in.is_contiguous() && x_in.numel() == hidden);
+    TORCH_CHECK(cos.scalar_type() == torch::kBFloat16 && sin.scalar_type() == torch::kBFloat16 && cos.numel() == d &&
+                sin.numel() == d && cos.is_contiguous() && sin.is_contiguous());
+    const Linear& head = linears.back();
+    auto logits = torch::empty({1, head.n}, torch::dtype(torch::kBFloat16));
+#if defined(__x86_64__)
+    const int64_t inter = linears[2].n / 2;
+    x.assign(x_in.data_ptr<at::BFloat16>(), x_in.data_ptr<at::BFloat16>() + hidden);
+    h.resize(hidden), delta.resize(hidden), qkv.resize(linears[0].n), attn.resize(n_heads * d);
+    gate_up.resize(2 * inter), act.resize(inter);
+    const at::BFloat16 *c = cos.data_ptr<at::BFloat16>(), *sn = sin.data_ptr<at::BFloat16>();
+    const float e = static_cast<float>(eps);
+    for (int64_t i = 0; i < layers; ++i) {
+      const Linear* l = &linears[4 * i];
+      add_rmsnorm_row(x.data(), i ? delta.data() : nullptr, norms[2 * i].data_ptr<at::BFloat16>(), hidden, e, x.data(),
+                      h.data());
+      run(l[0], h.data(), qkv.data());
+      rope_attend_raw(qkv.data(), c, sn, k_cache[i].data_ptr<at::BFloat16>(), v_cache[i].data_ptr<at::BFloat16>(), n_kv,
+                      max_len, d, pos, n_heads, attn.data());
+      run(l[1], attn.data(), delta.data());
+      add_rmsnorm_row(x.data(), delta.data(), norms[2 * i + 1].data_ptr<at::BFloat16>(), hidden, e, x.data(), h.data());
+      run(l[2], h.data(), gate_up.data());
+      silu_mul_row(gate_up.data(), inter, act.data());
+      run(l[3], act.data(), delta.data());
+    }
+    add_rmsnorm_row(x.data(), delta.data(), norms.back().data_ptr<at::BFloat16>(), hidden, e, x.data(), h.data());
+    run(head, h.data(), logits.data_ptr<at::BFloat16>());
+#endif
+    return logits;
+  }
+};
+
 TORCH_LIBRARY_FRAGMENT(q8chat, m) {
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<int64_t, double>())
+      .def("add_linear", &DecodePlan::add_linear)
+      .def("add_norm", &DecodePlan::add_norm)
+      .def("add_cache", &DecodePlan::add_cache)
+      .def("step", &DecodePlan::step);
   m.def("add_rmsnorm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rmsnorm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("rope_rows(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, int n_heads) -> Tensor",

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 #include "vec.h"
+#include "gemv.h"
 
 namespace {
 
@@ -203,6 +204,29 @@ bool has_vnni() {
   return ok;
 }
 
+// One row x [K] through the VNNI-blocked weight (packed [nblocks, kg_count, 16, 4]) into y [n] bf16.
+template <typename scalar_t>
+void gemv_w8a8_row(const scalar_t* x, int64_t k, const int8_t* wp, int64_t kg_count, int64_t nblocks,
+                   const int32_t* cp, const float* sp, const float* bp, double static_scale, int64_t n,
+                   at::BFloat16* yp) {
+  uint8_t xq_stack[8192];
+  std::vector<uint8_t> xq_heap(kg_count * 4 > 8192 ? kg_count * 4 : 0);
+  uint8_t* xq = kg_count * 4 > 8192 ? xq_heap.data() : xq_stack;
+  const float xs = quantize_row<scalar_t>(x, k, kg_count * 4, static_scale, xq);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(kg_count, 1));  // >= ~256 KiB of weight
+#if defined(__x86_64__)
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    gemv_blocks(xq, wp, cp, sp, bp, xs, kg_count, n, begin, end, yp);
+  });
+#endif
+}
+
+void gemv_w8a8_raw(const at::BFloat16* x, int64_t k, const int8_t* packed, int64_t kg_count, int64_t nblocks,
+                   const int32_t* comp, const float* w_scale, const float* bias, double static_scale, int64_t n,
+                   at::BFloat16* y) {
+  gemv_w8a8_row(x, k, packed, kg_count, nblocks, comp, w_scale, bias, static_scale, n, y);
+}
+
 // x [1, K] (float/bf16), packed [N/16 padded, K/4 padded, 16, 4] int8, comp [Npad] int32, w_scale [N] float,
 // bias [N] float or None, static_scale > 0 for a calibrated per-tensor scale (else per token) -> y [1, N] bf16.
 torch::Tensor gemv_w8a8(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& comp,
@@ -215,11 +239,6 @@ torch::Tensor gemv_w8a8(const torch::Tensor& x_in, const torch::Tensor& packed, 
   TORCH_CHECK(kg_count * 4 >= k && kg_count * 4 < k + 4, "packed weight does not match K");
   TORCH_CHECK(nblocks * 16 >= n && comp.numel() == nblocks * 16 && w_scale.numel() == n);
   auto x = x_in.contiguous();
-  std::vector<uint8_t> xq(kg_count * 4);
-  float xs = 0.f;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "gemv_w8a8", [&] {
-    xs = quantize_row<scalar_t>(x.data_ptr<scalar_t>(), k, kg_count * 4, static_scale, xq.data());
-  });
   auto y = torch::empty({1, n}, torch::dtype(torch::kBFloat16));
   const float* bp = nullptr;
   torch::Tensor b;
@@ -228,16 +247,11 @@ torch::Tensor gemv_w8a8(const torch::Tensor& x_in, const torch::Tensor& packed, 
     TORCH_CHECK(b.numel() == n);
     bp = b.data_ptr<float>();
   }
-  const int8_t* wp = packed.data_ptr<int8_t>();
-  const int32_t* cp = comp.data_ptr<int32_t>();
-  const float* sp = w_scale.data_ptr<float>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(kg_count, 1));  // >= ~256 KiB of weight
-#if defined(__x86_64__)
-  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
-    gemv_blocks(xq.data(), wp, cp, sp, bp, xs, kg_count, n, begin, end, yp);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "gemv_w8a8", [&] {
+    gemv_w8a8_row<scalar_t>(x.data_ptr<scalar_t>(), k, packed.data_ptr<int8_t>(), kg_count, nblocks,
+                            comp.data_ptr<int32_t>(), w_scale.data_ptr<float>(), bp, static_scale, n,
+                            y.data_ptr<at::BFloat16>());
   });
-#endif
   return y;
 }
 
@@ -246,16 +260,31 @@ bool has_avx512bf16() {
   return ok;
 }
 
+void gemv_bf16_raw(const at::BFloat16* x, int64_t k, const at::BFloat16* w, int64_t n, const float* bias,
+                   at::BFloat16* y) {
+  const int64_t kpad = (k + 31) / 32 * 32;
+  uint16_t xp_stack[8192];
+  std::vector<uint16_t> xp_heap(kpad > 8192 ? kpad : 0);
+  uint16_t* xp = kpad > 8192 ? xp_heap.data() : xp_stack;
+  std::memcpy(xp, x, k * sizeof(uint16_t));
+  std::fill(xp + k, xp + kpad, 0);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w);
+  const int64_t grain = std::max<int64_t>(4, 131072 / std::max<int64_t>(k, 1)) / 4 * 4;  // >= ~256 KiB of weight
+#if defined(__x86_64__)
+  at::parallel_for(0, (n + 3) / 4, grain / 4, [&](int64_t begin, int64_t end) {
+    gemv_bf16_rows(xp, wp, bias, k, begin * 4, std::min(end * 4, n), y);
+  });
+#endif
+}
+
 // x [1, K] bf16, w [N, K] bf16 (plain, contiguous), bias [N] float or None -> y [1, N] bf16
 // (float32 accumulation, one rounding to bf16 at the end, like oneDNN's; only the summation order differs).
 torch::Tensor gemv_bf16(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(has_avx512bf16(), "gemv_bf16 needs AVX512-BF16");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.scalar_type() == torch::kBFloat16, "one bf16 row [1, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x_in.size(1));
-  const int64_t n = w.size(0), k = w.size(1), kpad = (k + 31) / 32 * 32;
-  std::vector<uint16_t> xp(kpad, 0);
+  const int64_t n = w.size(0), k = w.size(1);
   auto x = x_in.contiguous();
-  std::memcpy(xp.data(), x.data_ptr<at::BFloat16>(), k * sizeof(uint16_t));
   const float* bp = nullptr;
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -264,18 +293,27 @@ torch::Tensor gemv_bf16(const torch::Tensor& x_in, const torch::Tensor& w, const
     bp = b.data_ptr<float>();
   }
   auto y = torch::empty({1, n}, torch::dtype(torch::kBFloat16));
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t grain = std::max<int64_t>(4, 131072 / std::max<int64_t>(k, 1)) / 4 * 4;  // >= ~256 KiB of weight
-#if defined(__x86_64__)
-  at::parallel_for(0, (n + 3) / 4, grain / 4, [&](int64_t begin, int64_t end) {
-    gemv_bf16_rows(xp.data(), wp, bp, k, begin * 4, std::min(end * 4, n), yp);
-  });
-#endif
+  gemv_bf16_raw(x.data_ptr<at::BFloat16>(), k, w.data_ptr<at::BFloat16>(), n, bp, y.data_ptr<at::BFloat16>());
   return y;
 }
 
 bool has_avx512() { return q8::has_avx512(); }
+
+void gemv_w8a16_raw(const at::BFloat16* x, int64_t k, const int8_t* w, int64_t n, const float* w_scale,
+                    const float* bias, at::BFloat16* y) {
+  const int64_t kpad = (k + 15) / 16 * 16;
+  float xf_stack[8192];
+  std::vector<float> xf_heap(kpad > 8192 ? kpad : 0);
+  float* xf = kpad > 8192 ? xf_heap.data() : xf_stack;
+  for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(x[i]);
+  std::fill(xf + k, xf + kpad, 0.f);
+  const int64_t groups = std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1));  // >= ~256 KiB of weight
+#if defined(__x86_64__)
+  at::parallel_for(0, (n + 3) / 4, groups, [&](int64_t begin, int64_t end) {
+    gemv_w8a16_rows(xf, w, w_scale, bias, k, begin * 4, std::min(end * 4, n), y);
+  });
+#endif
+}
 
 // x [1, K] bf16, w [N, K] int8 (plain, contiguous), w_scale [N] float, bias [N] float or None -> y [1, N] bf16:
 // bf16(bf16(sum_k x[k] * w[n, k]) * w_scale[n] (+ bias[n])), the sum in float32 (exact products).
@@ -284,12 +322,9 @@ torch::Tensor gemv_w8a16(const torch::Tensor& x_in, const torch::Tensor& w, cons
   TORCH_CHECK(has_avx512(), "gemv_w8a16 needs AVX-512");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.scalar_type() == torch::kBFloat16, "one bf16 row [1, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous() && w.size(1) == x_in.size(1));
-  const int64_t n = w.size(0), k = w.size(1), kpad = (k + 15) / 16 * 16;
+  const int64_t n = w.size(0), k = w.size(1);
   TORCH_CHECK(w_scale.scalar_type() == torch::kFloat && w_scale.is_contiguous() && w_scale.numel() == n);
-  std::vector<float> xf(kpad, 0.f);
   auto x = x_in.contiguous();
-  const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(xb[i]);
   const float* bp = nullptr;
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -298,15 +333,8 @@ torch::Tensor gemv_w8a16(const torch::Tensor& x_in, const torch::Tensor& w, cons
     bp = b.data_ptr<float>();
   }
   auto y = torch::empty({1, n}, torch::dtype(torch::kBFloat16));
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = w_scale.data_ptr<float>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t groups = std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1));  // >= ~256 KiB of weight
-#if defined(__x86_64__)
-  at::parallel_for(0, (n + 3) / 4, groups, [&](int64_t begin, int64_t end) {
-    gemv_w8a16_rows(xf.data(), wp, sp, bp, k, begin * 4, std::min(end * 4, n), yp);
-  });
-#endif
+  gemv_w8a16_raw(x.data_ptr<at::BFloat16>(), k, w.data_ptr<int8_t>(), n, w_scale.data_ptr<float>(), bp,
+                 y.data_ptr<at::BFloat16>());
   return y;
 }
 
