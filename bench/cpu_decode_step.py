@@ -2,10 +2,10 @@
 
 python bench/cpu_decode_step.py [--rounds 9] [--context 400] [--steps 32]   (other contexts: ..._ctx{N}.{json,md})
 For each CPU scheme on the embedded model: the lean step in ATen ops (``CPUGenerator`` with ``fused`` off: the
-decoder's math between our GEMVs, float32 KV cache) and the fused step (residual add + RMSNorm, RoPE + cache
-write + attention and silu * up as C++ calls, each linear as its bare kernel) over a bf16 (the engine's) or a
-float32 KV cache, alternating round by round after a prompt of ``--context`` tokens. Reports median TPOT of each
-and medians of the per-round ratios (this host is shared and noisy: only ratios measured back to back mean much).
+decoder's math between our GEMVs, float32 KV cache: what CPUs without AVX-512 run) and the engine's step (one C++
+call: csrc/decode.cpp's DecodePlan, bf16 KV cache), alternating round by round after a prompt of ``--context``
+tokens. Reports median TPOT of each and the median of the per-round ratios (this host is shared and noisy: only
+ratios measured back to back mean much).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ def main() -> None:
             print(f"{scheme}: this CPU runs no fused step (no AVX-512): nothing to compare")
             continue
         gen32 = CPUGenerator(gen.model, gen.tokenizer, gen.eos_ids, gen.max_len, cache_dtype=torch.float32)
+        assert not gen32.fused  # float32 cache: the ATen step
         prompt = torch.randint(100, 40000, (1, args.context), generator=torch.Generator().manual_seed(0))
         gen.prefill(prompt)
         gen32.prefill(prompt)
-        variants = {"fused": (gen, True), "fused_fp32_cache": (gen32, True), "aten": (gen32, False)}
+        variants = {"fused": gen, "aten": gen32}
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
-            for name, (g, fused) in variants.items():
-                g.fused = fused
+            for name, g in variants.items():
                 token = int(prompt[0, -1])
                 start = time.perf_counter()
                 for i in range(args.steps):
@@ -59,10 +59,8 @@ def main() -> None:
             {
                 "scheme": scheme,
                 "aten_step_ms": median(times["aten"]),
-                "fused_fp32_cache_ms": median(times["fused_fp32_cache"]),
                 "fused_step_ms": median(times["fused"]),
                 "fused_vs_aten": ratio(times["fused"], times["aten"]),
-                "bf16_vs_fp32_cache": ratio(times["fused"], times["fused_fp32_cache"]),
             }
         )
         print(records[-1], flush=True)
@@ -72,15 +70,14 @@ def main() -> None:
         "cpu_decode_step" if args.context == 400 else f"cpu_decode_step_ctx{args.context}",
         meta,
         records,
-        ["scheme", "aten_step_ms", "fused_fp32_cache_ms", "fused_step_ms", "fused_vs_aten", "bf16_vs_fp32_cache"],
+        ["scheme", "aten_step_ms", "fused_step_ms", "fused_vs_aten"],
         [
             f"{DEFAULT_MODEL}, batch 1, greedy, decode at a {args.context}-token context; medians of {args.rounds} "
-            f"rounds of {args.steps} tokens, the three variants alternating round by round in one process",
+            f"rounds of {args.steps} tokens, the two steps alternating round by round in one process",
             "aten step: the lean decode loop in ATen ops between our GEMVs (bit-exact with Decoder.forward), float32 "
-            "KV cache (what CPUs without AVX-512 run); fused step: cpu_backend/csrc/decode.cpp between the GEMVs, "
-            "linears called as bare kernels, bf16 KV cache (the engine's default), or float32 cache",
+            "KV cache (what CPUs without AVX-512 run); fused step: the engine's, one C++ call per token "
+            "(cpu_backend/csrc/decode.cpp DecodePlan: the same GEMVs, the ops between them in C++), bf16 KV cache",
             "ratios: medians of the per-round ratios",
-            "both steps use this build's GEMVs (with their software prefetch)",
         ],
     )
 
