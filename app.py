@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -47,7 +48,8 @@ def metrics_line(update: ChatUpdate) -> str:
     parts = [f"TTFT {t.ttft_ms:.0f} ms"]
     if t.generated_tokens > 1:
         parts += [f"{t.tpot_ms:.1f} ms/token", f"{t.tokens_per_s:.1f} tokens/s"]
-    parts += [backend_label(update.backend), update.scheme, f"{t.prompt_tokens} → {t.generated_tokens} tokens"]
+    cached = f" ({t.cached_tokens} cached)" if t.cached_tokens else ""
+    parts += [backend_label(update.backend), update.scheme, f"{t.prompt_tokens}{cached} → {t.generated_tokens} tokens"]
     if update.finish_reason == "cancelled":
         parts.append("stopped")
     elif update.finish_reason == "length":
@@ -269,7 +271,8 @@ def compare(prompt, chosen, model, system, max_new, schemes, rows, request: gr.R
                 continue
             scheme = schemes.get(name) or backend_schemes(name)[0]
             try:
-                params = sampling(max_new, 0.0, 1.0, 0, 1.0, 0)
+                # every backend prefills the whole prompt (no KV cache reuse): TTFTs that compare
+                params = dataclasses.replace(sampling(max_new, 0.0, 1.0, 0, 1.0, 0), cache_prompt=False)
                 warmup.check(name, scheme)
                 update = None
                 for update in service.chat(prompt, [], ChatSettings(name, model, scheme, system or "", params), cancel):

@@ -215,10 +215,15 @@ def run_in_thread(work: Callable[[Callable[[Any], None]], None]) -> tuple[asynci
     return queue, thread
 
 
-def usage_of(update: ChatUpdate | None) -> dict[str, int]:
+def usage_of(update: ChatUpdate | None) -> dict[str, Any]:
     t = update.timings if update else None
-    prompt, completion = (t.prompt_tokens, t.generated_tokens) if t else (0, 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    prompt, completion, cached = (t.prompt_tokens, t.generated_tokens, t.cached_tokens) if t else (0, 0, 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def q8chat_metrics(update: ChatUpdate | None) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class Ours:
     def __init__(self, scheme: str, threads: int, prompts: dict) -> None:
         self.key, self.prompts = ("q8chat", scheme), prompts
         self.engine = CPUEngine(DEFAULT_MODEL, scheme, threads=threads)
+        self.engine.generator.reuses_prefix = False  # TTFT here: a cold prefill of the whole prompt, every round
 
     def round(self) -> dict:
         *_, last = self.engine.generate(

@@ -85,30 +85,36 @@ class CPUGenerator(Generator):
         self.fused = fused_step_runs(model) and self.cache.k.dtype == torch.bfloat16
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        if not (self.lean and self.fused and self.cache.k.dtype == torch.bfloat16 and ids.shape[0] == 1):
-            return super().prefill(ids)
-        return self._prefill_fused(ids[0])
+    def prefill(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if not (self.lean and self.fused and ids.shape[0] == 1):
+            return super().prefill(ids, start)
+        return self._prefill_fused(ids[0], start)
 
-    def _prefill_fused(self, ids: torch.Tensor) -> torch.Tensor:
+    def _prefill_fused(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """The decoder's prefill with csrc/decode.cpp's row ops between the GEMMs (residual add + RMSNorm, RoPE +
         cache write, silu * up: one pass each instead of ~25 ATen ops per layer) and the decoder's own attention
         (SDPA over the cache). Elementwise rounding as the decoder's; the norm's sums in their own order."""
         model, cfg = self.model, self.model.config
         t, d, eps = ids.shape[0], cfg.head_dim, cfg.rms_norm_eps
-        if t > self.cache.max_len:
-            raise ValueError(f"sequence of {t} tokens exceeds the KV cache ({self.cache.max_len})")
+        end = start + t
+        if end > self.cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the KV cache ({self.cache.max_len})")
         x = model.model.embed_tokens(ids)  # [t, hidden]
-        cos, sin = model.rope(0, t, x.dtype)
+        cos, sin = model.rope(start, t, x.dtype)
         sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
         gqa = cfg.num_kv_heads != cfg.num_heads
+        mask = None  # causal from 0; after cached tokens, query i sees keys up to start + i (as Decoder.forward)
+        if start:
+            mask = torch.arange(end)[None, :] <= (start + torch.arange(t))[:, None]
         delta = None
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x, h = kernels.add_rmsnorm(x, delta, layer.input_layernorm.weight, eps)
-            q = kernels.rope_rows(attn.qkv_proj(h), cos, sin, self.k_views[i], self.v_views[i], 0, cfg.num_heads)
-            k, v = self.k_views[i][None, :, :t], self.v_views[i][None, :, :t]
-            out = torch.nn.functional.scaled_dot_product_attention(q[None], k, v, is_causal=True, enable_gqa=gqa)
+            q = kernels.rope_rows(attn.qkv_proj(h), cos, sin, self.k_views[i], self.v_views[i], start, cfg.num_heads)
+            k, v = self.k_views[i][None, :, :end], self.v_views[i][None, :, :end]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[None], k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )
             x, h = kernels.add_rmsnorm(x, attn.o_proj(out[0].transpose(0, 1).reshape(t, -1)),
                                        layer.post_attention_layernorm.weight, eps)  # fmt: skip
             delta = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h)))

@@ -40,6 +40,8 @@ def load_for_gpu(model: str, scheme: str, kv_cache: str | None, device: str = "c
 class GraphGenerator(Generator):
     """models.generate.Generator over a GPUDecoder: prefill eagerly, decode by graph replay."""
 
+    reuses_prefix = False  # GPUDecoder.prefill starts at position 0
+
     def __init__(self, model: GPUDecoder, tokenizer, eos_ids: set[int]) -> None:  # noqa: D107
         # the base class would allocate a models.decoder KV cache; ours lives in the GPUDecoder
         self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, set(eos_ids), "cuda"
@@ -51,7 +53,8 @@ class GraphGenerator(Generator):
     def max_len(self) -> int:
         return self.model.max_len
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        assert start == 0, "the GPU prefill starts at position 0"
         return self.model.prefill(ids.to("cuda"))[0]
 
     def decode(self, token: int, pos: int) -> torch.Tensor:

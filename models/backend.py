@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    cache_prompt: bool = True  # prefill only what the KV cache does not hold yet (False: the whole prompt, cold)
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +55,8 @@ class SamplingParams:
             raise RequestError(f"top_k must be between 0 (off) and 100000, got {self.top_k}")
         if not 0.5 <= self.repetition_penalty <= 2.0:
             raise RequestError(f"repetition_penalty must be between 0.5 and 2, got {self.repetition_penalty}")
+        if not isinstance(self.cache_prompt, bool):
+            raise RequestError(f"cache_prompt must be true or false, got {self.cache_prompt!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise RequestError(f"seed must be a non-negative integer or empty, got {self.seed!r}")
         return self
@@ -62,6 +65,7 @@ class SamplingParams:
 @dataclass
 class Timings:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # leading prompt tokens whose keys and values were already in the cache (not prefilled)
     generated_tokens: int = 0
     ttft_ms: float = 0.0  # request start -> first token out
     tpot_ms: float = 0.0  # mean time per output token after the first

@@ -64,8 +64,13 @@ class TextStream:
 class Generator:
     """Runs a Decoder with one persistent KV cache; one generation at a time (callers queue on a lock).
 
+    The cache outlives a generation: a prompt that starts with tokens the cache already holds (a chat's next turn
+    repeats the conversation so far) prefills only the rest (``reuses_prefix``; the count is reported as
+    ``Timings.cached_tokens``), except for seeded requests, which must not depend on what the cache held.
     Engines override ``prefill``/``decode`` to put compiled or graph-captured code on the hot path.
     """
+
+    reuses_prefix = True
 
     def __init__(
         self,
@@ -79,13 +84,24 @@ class Generator:
         self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, set(eos_ids), device
         self.cache: KVCache = model.new_cache(1, max_len, cache_dtype)
         self.lock = threading.Lock()
+        self.cached: list[int] = []  # the tokens whose keys and values the cache holds, from position 0
 
     @property
     def max_len(self) -> int:
         return self.cache.max_len
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, self.cache, 0, last_only=True)[0, -1]
+    def prefill(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits after ``ids`` [1, T], placed at positions start.. (the cache holds the tokens before them)."""
+        return self.model(ids, self.cache, start, last_only=True)[0, -1]
+
+    def reusable(self, prompt_ids: list[int]) -> int:
+        """How many leading tokens of ``prompt_ids`` the cache holds (at least the last one is prefilled again)."""
+        if not self.reuses_prefix:
+            return 0
+        n, limit = 0, min(len(self.cached), len(prompt_ids) - 1)
+        while n < limit and self.cached[n] == prompt_ids[n]:
+            n += 1
+        return n
 
     def decode(self, token: int, pos: int) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self.device)
@@ -106,32 +122,41 @@ class Generator:
             yield from self._run(prompt_ids, params, budget, cancel, rng)
 
     def _run(self, prompt_ids, params, budget, cancel, rng) -> Iterator[TokenEvent]:
-        timings = Timings(prompt_tokens=len(prompt_ids))
+        # a seeded request prefills its whole prompt: logits after a partial prefill differ in the last bits (other
+        # GEMM and attention blockings), and the same seed must give the same tokens whatever the cache holds
+        reused = self.reusable(prompt_ids) if params.cache_prompt and params.seed is None else 0
+        timings = Timings(prompt_tokens=len(prompt_ids), cached_tokens=reused)
         stream = TextStream(self.tokenizer)
         seen = torch.tensor(prompt_ids, dtype=torch.long) if params.repetition_penalty != 1.0 else None
         start = time.perf_counter()
         first = last = start
-        logits = self.prefill(torch.tensor([prompt_ids], device=self.device))
+        self.cached = []  # being overwritten: nothing reusable until the prefill is done
+        logits = self.prefill(torch.tensor([prompt_ids[reused:]], device=self.device), reused)
+        written = list(prompt_ids)
         pos, reason = len(prompt_ids), "length"
-        for i in range(budget):
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            token = sample(logits.float().cpu(), params, seen, rng)
-            last = time.perf_counter()
-            if i == 0:
-                first = last
-                timings.ttft_ms = (first - start) * 1000
-            timings.generated_tokens = i + 1
-            if token in self.eos_ids and not params.ignore_eos:
-                reason = "eos"
-                break
-            if seen is not None:
-                seen = torch.cat([seen, torch.tensor([token])])
-            yield TokenEvent(stream.push(token), token)
-            if i + 1 < budget:
-                logits = self.decode(token, pos)
-                pos += 1
+        try:
+            for i in range(budget):
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                token = sample(logits.float().cpu(), params, seen, rng)
+                last = time.perf_counter()
+                if i == 0:
+                    first = last
+                    timings.ttft_ms = (first - start) * 1000
+                timings.generated_tokens = i + 1
+                if token in self.eos_ids and not params.ignore_eos:
+                    reason = "eos"
+                    break
+                if seen is not None:
+                    seen = torch.cat([seen, torch.tensor([token])])
+                yield TokenEvent(stream.push(token), token)
+                if i + 1 < budget:
+                    logits = self.decode(token, pos)
+                    written.append(token)
+                    pos += 1
+        finally:  # also when the consumer stops reading: the cache holds exactly `written`
+            self.cached = written
         n = timings.generated_tokens
         timings.tpot_ms = (last - first) * 1000 / (n - 1) if n > 1 else 0.0
         timings.total_ms = (time.perf_counter() - start) * 1000

@@ -46,6 +46,17 @@ def test_chat_completion_answers_with_usage_and_timings(client):
     assert extra["backend"] == "cpu" and extra["scheme"] == "bf16" and extra["ttft_ms"] > 0 and extra["tpot_ms"] > 0
 
 
+def test_a_follow_up_reports_the_prompt_tokens_it_reused(client):
+    r = client.chat.completions.create(model=DEFAULT_MODEL, messages=CAPITAL, temperature=0, max_tokens=24)
+    answer = {"role": "assistant", "content": r.choices[0].message.content}
+    follow = [*CAPITAL, answer, {"role": "user", "content": "Why?"}]
+    r2 = client.chat.completions.create(model=DEFAULT_MODEL, messages=follow, temperature=0, max_tokens=8)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
+    assert r2.usage.prompt_tokens > r2.usage.prompt_tokens_details.cached_tokens
+    r3 = client.chat.completions.create(model=DEFAULT_MODEL, messages=follow, temperature=0, max_tokens=8, seed=1)
+    assert r3.usage.prompt_tokens_details.cached_tokens == 0  # seeded: the whole prompt, whatever the cache holds
+
+
 def test_streamed_chat_arrives_token_by_token_with_usage(client):
     stream = client.chat.completions.create(
         model=f"{DEFAULT_MODEL}@cpu:bf16",

@@ -73,6 +73,7 @@ def test_second_turn_sends_history_without_metrics(cpu_engine, monkeypatch):
     assert sent[0][0] == {"role": "user", "content": "My name is Ada. Remember it."}
     assert sent[0][1]["role"] == "assistant" and sent[0][1]["content"]
     assert "TTFT" not in sent[0][1]["content"] and sent[0][1]["content"] in history[1]["content"]
+    assert "cached)" in history2[3]["content"].splitlines()[-1]  # the first turn's keys and values were reused
 
 
 def test_stop_button_ends_the_answer_mid_stream(cpu_engine):

@@ -277,7 +277,9 @@ def test_fused_prefill_follows_the_decoder(checkpoints, scheme):
     """The prefill with the C++ row ops (RMSNorm, RoPE + cache write, silu * up) between the GEMMs: the decoder's
     elementwise rounding and attention, the norm's sums in their own order. On real text, the prefill's logits and
     those of the decode steps that continue from its cache stay within a few bf16 steps of the decoder's (float32
-    cache) and pick its tokens wherever the decoder's top two are not a near tie."""
+    cache) and pick its tokens wherever the decoder's top two are not a near tie; so does a prefill in two chunks
+    (against the decoder's two chunks, within 6%: a bf16 step that differs in one layer spreads through the later
+    ones, and in W8A8 it can move a quantized activation by a whole step; chunking alone moves W8A8 logits ~3%)."""
     engine = CPUEngine("smollm2-135m", scheme, checkpoint=checkpoints.get(scheme), max_context=96)
     gen = engine.generator
     if not gen.fused:
@@ -290,8 +292,14 @@ def test_fused_prefill_follows_the_decoder(checkpoints, scheme):
         expected = [gen.model(ids[:, :p], cache, 0)[0, -1]]
         expected += [gen.model(ids[:, i : i + 1], cache, i)[0, -1] for i in range(p, n)]
         got = [gen.prefill(ids[:, :p])] + [gen.decode(int(ids[0, i]), i) for i in range(p, n)]
-    for a, b in zip(got, expected, strict=True):
-        tol = 0.03 * b.abs().max()
+        # in two chunks, the second after cached tokens (a chat's next turn), against the decoder's two chunks
+        gen.prefill(ids[:, : p // 2])
+        got.append(gen.prefill(ids[:, p // 2 : p], p // 2))
+        cache = gen.model.new_cache(1, gen.max_len, torch.float32)
+        gen.model(ids[:, : p // 2], cache, 0)
+        expected.append(gen.model(ids[:, p // 2 : p], cache, p // 2)[0, -1])
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        tol = (0.06 if i == len(got) - 1 else 0.03) * b.abs().max()
         assert (a - b).abs().max() <= tol
         top2 = b.topk(2).values
         if top2[0] - top2[1] > tol:

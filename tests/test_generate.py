@@ -121,3 +121,54 @@ def test_text_stream_never_splits_characters(cpu_engine):
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_next_turn_prefills_only_the_new_tokens(cpu_engine):
+    """A chat's next turn repeats the conversation: the cache still holds it, so the prefill covers only the
+    new tokens (reported as cached_tokens) and the answer is the one a cold prefill of the whole prompt gives."""
+    gen = cpu_engine.generator
+    q1 = "What is the capital of France? Answer in one short sentence."
+    first, last1, _ = run(cpu_engine, q1, max_new_tokens=32)
+    history = [{"role": "user", "content": q1}, {"role": "assistant", "content": first}]
+    ids = build_prompt(cpu_engine.tokenizer, "And of Italy?", history).ids
+    calls = []
+    prefill = gen.prefill
+    gen.prefill = lambda x, start=0: calls.append((x.shape[1], start)) or prefill(x, start)
+    try:
+        events = list(cpu_engine.generate(ids, SamplingParams(max_new_tokens=32)))
+    finally:
+        del gen.prefill
+    warm = "".join(e.text for e in events)
+    reused = events[-1].timings.cached_tokens
+    assert reused >= last1.timings.prompt_tokens and calls == [(len(ids) - reused, reused)]
+    gen.reuses_prefix = False
+    try:
+        cold_events = list(cpu_engine.generate(ids, SamplingParams(max_new_tokens=32)))
+    finally:
+        gen.reuses_prefix = True
+    assert cold_events[-1].timings.cached_tokens == 0
+    assert warm == "".join(e.text for e in cold_events) and "Rome" in warm
+
+
+def test_the_cache_is_reused_only_where_it_holds_the_prompt(cpu_engine):
+    """After a stream is abandoned the cache holds the prompt and the tokens decoded so far, nothing more; a prompt
+    that differs from the first token on reuses nothing."""
+    gen = cpu_engine.generator
+    ids = build_prompt(cpu_engine.tokenizer, "Write a long story about a dragon.").ids
+    stream = cpu_engine.generate(ids, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    tokens = [next(stream).token_id for _ in range(5)]
+    stream.close()
+    assert gen.cached == ids + tokens[:4]  # the fifth was sampled but never decoded into the cache
+    assert gen.reusable(ids + tokens + [1, 2]) == len(ids) + 4
+    assert gen.reusable([ids[0] + 1] + ids[1:]) == 0
+    assert gen.reusable(ids[:3]) == 2  # the last prompt token is always prefilled again (its logits are needed)
+
+
+def test_a_seeded_request_does_not_depend_on_the_cache(cpu_engine):
+    """Same seed, same tokens, whatever the cache held before (a seeded request prefills its whole prompt)."""
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=3)
+    ids = build_prompt(cpu_engine.tokenizer, "Tell me about dogs.").ids
+    a = list(cpu_engine.generate(ids, SamplingParams(**kw)))
+    b = list(cpu_engine.generate(ids, SamplingParams(**kw)))  # the cache now holds this prompt and its answer
+    assert b[-1].timings.cached_tokens == 0
+    assert [e.token_id for e in a] == [e.token_id for e in b]
