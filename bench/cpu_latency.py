@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results  # noqa: E402
-from cpu_backend.engine import CPUEngine, pack_bf16  # noqa: E402
+from cpu_backend.engine import CPUEngine, CPUGenerator, fused_step_runs, pack_bf16  # noqa: E402
 from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8  # noqa: E402
 from cpu_backend.threads import configure_threads  # noqa: E402
 from models.backend import SamplingParams  # noqa: E402
@@ -222,12 +222,14 @@ def random_decoder(scheme: str) -> tuple[Decoder, int]:
 
 
 def random_model_tpot(model: Decoder, steps: int = 32, prompt: int = 128) -> float:
-    cache = model.new_cache(1, prompt + steps + 1, torch.float32)
+    """The engine's decode step (CPUGenerator: the C++ step where it runs) on ``model``, ms per token."""
+    cache_dtype = torch.bfloat16 if fused_step_runs(model) else torch.float32
+    gen = CPUGenerator(model, None, set(), prompt + steps + 1, cache_dtype=cache_dtype)
     with torch.inference_mode():
-        token = int(model(torch.randint(0, 32000, (1, prompt)), cache, 0, last_only=True)[0, -1].argmax())
+        token = int(gen.prefill(torch.randint(0, 32000, (1, prompt))).argmax())
         start = time.perf_counter()
         for i in range(steps):
-            token = int(model(torch.tensor([[token]]), cache, prompt + i)[0, -1].argmax())
+            token = int(gen.decode(token, prompt + i).argmax())
     return (time.perf_counter() - start) * 1000 / steps
 
 
