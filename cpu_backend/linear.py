@@ -85,6 +85,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1), persistent=False)
         self.register_buffer("w_scale", self.weight_scale.reshape(-1).contiguous(), persistent=False)
         self.register_buffer("ones", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
+        self.register_buffer("one", torch.ones(()), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)
         self.gemv = kernels.has_avx512()
 
@@ -101,13 +102,15 @@ class Int8WeightOnlyLinear(nn.Module):
             y = kernels.gemv_w8a16(x2, self.weight, self.w_scale, self.bias)
             return y.reshape(*shape[:-1], self.out_features)
         if x2.shape[0] <= self.DECODE_ROWS and self.in_features % 16 == 0:  # (it reads out of bounds otherwise)
-            y = torch._weight_int8pack_mm(x2, self.weight, self.ones).float()
+            y = torch._weight_int8pack_mm(x2, self.weight, self.ones)
         else:
-            y = torch.nn.functional.linear(x2, self.weight.to(torch.bfloat16)).float()
-        y = y * self.weight_scale.t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(torch.bfloat16).reshape(*shape[:-1], self.out_features)
+            y = torch.nn.functional.linear(x2, self.weight.to(torch.bfloat16))
+        if self.gemv:  # the C++ kernels built: the epilogue in one pass (ATen needs four)
+            y = kernels.dequantize(y, self.one, self.w_scale, self.bias)
+        else:
+            y = y.float() * self.weight_scale.t()
+            y = (y if self.bias is None else y + self.bias).to(torch.bfloat16)
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):

@@ -1,7 +1,8 @@
 // INT8 activation quantization and the GEMM epilogue of W8A8 prefill, with quant/reference.py's numerics.
 // quantize_per_token: per-row symmetric INT8 in one pass (what the reference does in eight PyTorch ops);
 // zero_point 128 returns uint8 (x_q + 128) for oneDNN's u8 x s8 kernels. dequantize: exact int32 products to
-// bf16 as (acc * x_scale) * w_scale + bias in float32, one pass (the reference's order; PyTorch needs five).
+// bf16 as (acc * x_scale) * w_scale + bias in float32, one pass (the reference's order; PyTorch needs five);
+// also W8A16 prefill's epilogue (bf16 products times the channel scale, plus bias).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include "vec.h"
@@ -56,6 +57,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_acc(cons
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_acc(const float* p, __mmask16 m) {
   return _mm512_maskz_loadu_ps(m, p);
 }
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_acc(const at::BFloat16* p, __mmask16 m) {
+  return q8::load16(p, m);
+}
 
 template <typename A>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void dequantize_row_avx512(
@@ -71,12 +75,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void dequantize_row_avx512(
 }
 #endif
 
-// acc [M, N] int32 (or float32 holding converted int32 values), x_scale [M] (per token) or [1] (static),
-// w_scale [N] float, bias [N] or None -> [M, N] bf16.
+// acc [M, N] int32 (or float32 holding converted int32 values; or bf16: W8A16's unscaled products, x_scale 1),
+// x_scale [M] (per token) or [1] (static), w_scale [N] float, bias [N] or None -> [M, N] bf16.
 torch::Tensor dequantize(const torch::Tensor& acc_in, const torch::Tensor& x_scale_in, const torch::Tensor& w_scale_in,
                          const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(acc_in.dim() == 2 && (acc_in.scalar_type() == torch::kInt || acc_in.scalar_type() == torch::kFloat),
-              "dequantize expects int32 or float32 [M, N]");
+  const auto at = acc_in.scalar_type();
+  TORCH_CHECK(acc_in.dim() == 2 && (at == torch::kInt || at == torch::kFloat || at == torch::kBFloat16),
+              "dequantize expects int32, float32 or bf16 [M, N]");
   auto acc = acc_in.contiguous();
   const int64_t M = acc.size(0), N = acc.size(1);
   auto xs = x_scale_in.to(torch::kFloat).contiguous();
@@ -111,10 +116,12 @@ torch::Tensor dequantize(const torch::Tensor& acc_in, const torch::Tensor& x_sca
       }
     });
   };
-  if (acc.scalar_type() == torch::kInt)
+  if (at == torch::kInt)
     run(acc.data_ptr<int32_t>());
-  else
+  else if (at == torch::kFloat)
     run(acc.data_ptr<float>());
+  else
+    run(acc.data_ptr<at::BFloat16>());
   return y;
 }
 
