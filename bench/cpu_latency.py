@@ -89,7 +89,7 @@ class Intel(Ours):
     """The OpenVINO / IPEX engines (worker processes in their own venvs), timed through the same Backend API."""
 
     def __init__(self, runtime: str, scheme: str, threads: int, prompts: dict) -> None:
-        from service import backend_class
+        from serving.service import backend_class
 
         self.key, self.prompts = (runtime, scheme), prompts
         self.engine = backend_class(runtime)(DEFAULT_MODEL, scheme, threads=threads)
@@ -322,7 +322,7 @@ def main() -> None:
     else:
         notes.append(f"llama.cpp skipped: no {args.llama_python} (make bench-cpu builds it)")
     if not args.no_intel:
-        from service import backend_availability
+        from serving.service import backend_availability
 
         for runtime in ("openvino", "ipex"):
             ok, reason = backend_availability(runtime)

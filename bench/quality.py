@@ -161,7 +161,7 @@ def intel_rows(windows: int, window: int, threads: int) -> list[dict]:
     from models.registry import DEFAULT_MODEL, resolve
     from models.weights import load_decoder
     from quant.data import eval_windows
-    from service import backend_availability, backend_class
+    from serving.service import backend_availability, backend_class
 
     folder = resolve(DEFAULT_MODEL)
     tokens = eval_windows(load_tokenizer(folder), windows, window)

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from models.backend import SamplingParams  # noqa: E402
 from models.registry import DEFAULT_MODEL  # noqa: E402
 from models.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches  # noqa: E402
-from service import ChatService, ChatSettings  # noqa: E402
+from serving.service import ChatService, ChatSettings  # noqa: E402
 
 MIB = 1 << 20
 MAX_GROWTH_PCT = 5.0

@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.registry import DEFAULT_MODEL
-from openai_api import create_router
-from service import ChatService
-from startup import NotReadyError, Step, Warmup
+from serving.openai_api import create_router
+from serving.service import ChatService
+from serving.startup import NotReadyError, Step, Warmup
 from tests import appserver
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]

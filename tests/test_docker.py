@@ -83,7 +83,7 @@ def test_dockerfile_serves_7860_as_uid_1000_with_healthcheck_and_a_cuda_argument
     env = " ".join(rest for w, rest in steps if w == "ENV")
     assert "GRADIO_SERVER_PORT=7860" in env and "GRADIO_SERVER_NAME=0.0.0.0" in env
     assert json.loads(dict(steps)["CMD"]) == ["python", "app.py"]
-    assert "healthcheck.py" in dict(steps)["HEALTHCHECK"]
+    assert "serving.healthcheck" in dict(steps)["HEALTHCHECK"]
     patterns = (ROOT / ".dockerignore").read_text().split()
     for private in (".git", ".venv*", "artifacts"):
         assert private in patterns

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import app
 from models.backend import RequestError, SamplingParams
-from service import ChatSettings
+from serving.service import ChatSettings
 
 TEXT = st.one_of(
     st.just(""),
@@ -170,8 +170,8 @@ def api(cpu_engine):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from openai_api import create_router
-    from startup import Warmup
+    from serving.openai_api import create_router
+    from serving.startup import Warmup
 
     server = FastAPI()
     server.include_router(create_router(app.service, Warmup()))

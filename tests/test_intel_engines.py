@@ -15,7 +15,7 @@ import torch
 from models.backend import RequestError, SamplingParams
 from models.chat import build_prompt
 from models.registry import DEFAULT_MODEL
-from service import ChatService, ChatSettings, backend_availability, backend_class, default_backend
+from serving.service import ChatService, ChatSettings, backend_availability, backend_class, default_backend
 
 GREEDY = SamplingParams(max_new_tokens=24)
 QUESTION = "What is the capital of France? Answer in one short sentence."

@@ -13,7 +13,7 @@ import pytest
 
 import app
 from models.backend import Backend
-from service import BACKENDS, backend_availability, backend_class
+from serving.service import BACKENDS, backend_availability, backend_class
 from tests import appserver
 
 QUESTIONS = [

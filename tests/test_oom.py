@@ -12,7 +12,7 @@ from models import registry
 from models.backend import RequestError, SamplingParams
 from models.registry import DEFAULT_MODEL, GIB, estimate_load_bytes
 from models.weights import CheckpointError, parameter_count
-from service import ChatService, ChatSettings
+from serving.service import ChatService, ChatSettings
 from tests.quant_fixtures import write_tiny_folder
 
 QUESTION = "What is the capital of France? Answer in one short sentence."

@@ -14,7 +14,7 @@ import app
 from models.backend import RequestError, SamplingParams
 from models.registry import DEFAULT_MODEL
 from remote_backend.engine import MessageCodec, RemoteEngine
-from service import ChatService, ChatSettings, backend_availability
+from serving.service import ChatService, ChatSettings, backend_availability
 from tests import appserver
 
 CAPITAL = "What is the capital of France? Answer in one short sentence."

@@ -6,7 +6,7 @@ import os
 from bench.soak import MAX_GROWTH_PCT, run_soak, summarize
 from models.registry import DEFAULT_MODEL
 from models.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
-from service import ChatService
+from serving.service import ChatService
 
 
 def test_thirty_turns_keep_memory_flat_and_truncation_working(embedded_folder):

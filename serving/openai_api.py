@@ -1,6 +1,6 @@
 """The app's OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` (streamed or not).
 
-Mounted beside the Gradio page (see ``app.create_app``). It goes through the same ``ChatService`` as the
+Mounted beside the Gradio page (see ``serving.server.create_app``). It goes through the same ``ChatService`` as the
 page, so the same engines, validation and truncation apply. Errors are OpenAI-style JSON bodies,
 ``{"error": {"message", "type", "param", "code"}}``, with 400 (bad request), 401 (wrong API key),
 404 (unknown model), 503 (model still loading, backend unavailable) or 500; never a traceback.
@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from models.backend import SamplingParams
 from models.registry import DEFAULT_MODEL, ModelNotFoundError
-from service import (
+from serving.service import (
     BACKENDS,
     ChatService,
     ChatSettings,
@@ -40,7 +40,7 @@ from service import (
     backend_schemes,
     default_backend,
 )
-from startup import NotReadyError, Warmup
+from serving.startup import NotReadyError, Warmup
 
 log = logging.getLogger("q8chat")
 
