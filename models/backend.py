@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 MAX_NEW_TOKENS_LIMIT = 4096
 GREEDY_BELOW = 1e-4  # temperature
+TEMPERATURE_MAX = 2.0  # OpenAI's range; the page's slider stops here too
 
 
 class RequestError(ValueError):
@@ -47,8 +48,8 @@ class SamplingParams:
             raise RequestError(
                 f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}"
             )
-        if not 0.0 <= self.temperature <= 5.0:
-            raise RequestError(f"temperature must be between 0 and 5, got {self.temperature}")
+        if not 0.0 <= self.temperature <= TEMPERATURE_MAX:
+            raise RequestError(f"temperature must be between 0 and {TEMPERATURE_MAX:g}, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.top_k <= 100_000:

@@ -81,6 +81,12 @@ def backend_schemes(name: str) -> tuple[str, ...]:
     return tuple(getattr(backend_class(name), "SCHEMES", ("bf16",))) if ok else ()
 
 
+# Where a chat request (the page or /v1) leaves a sampling field out. Temperature follows each surface's
+# convention (the page starts greedy, the OpenAI API defaults to 1); the rest is the same everywhere: a light
+# repetition penalty and nucleus sampling keep a 135M model from looping.
+CHAT_DEFAULTS = SamplingParams(max_new_tokens=256, top_p=0.9, top_k=0, repetition_penalty=1.1)
+
+
 @dataclass
 class ChatSettings:
     backend: str = "cpu"

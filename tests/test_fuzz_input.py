@@ -131,7 +131,7 @@ def test_sampling_validation_accepts_only_sane_values(max_new, temperature, top_
         assert str(e)
         return
     assert isinstance(max_new, int) and 1 <= max_new <= 4096
-    assert math.isfinite(temperature) and 0 <= temperature <= 5
+    assert math.isfinite(temperature) and 0 <= temperature <= 2
     assert 0 < top_p <= 1 and 0.5 <= rep <= 2 and (seed is None or seed >= 0)
 
 
