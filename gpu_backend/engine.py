@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
 
-from gpu_backend import availability, kv_options_for, schemes_for
+from gpu_backend import availability, kv_options_for, schemes_for, supported_schemes
 from gpu_backend.model import GPUDecoder
-from gpu_backend.weights import build_decoder, build_from_checkpoint, canonical_scheme, load_quantized_linears
+from gpu_backend.weights import build_decoder, build_from_checkpoint, load_quantized_linears
 from models.backend import RequestError
 from models.chat import load_tokenizer
 from models.config import DecoderConfig
 from models.generate import Generator, GeneratorBackend
 from models.registry import resolve
+from quant.schemes import DEFAULT_SCHEME, get_scheme
 
 MAX_CONTEXT = 8192
 
 
 def load_for_gpu(model: str, scheme: str, kv_cache: str | None, device: str = "cuda") -> tuple[GPUDecoder, Path]:
-    """The GPU decoder for (model, scheme): the same ``quant.build`` checkpoint the CPU backend loads (cached,
-    validated by ``quant.checkpoint.load_checkpoint``); schemes quant does not make (w8a16-fp8) quantize the
-    BF16 model round-to-nearest at load."""
-    from quant import SCHEMES as QUANT_SCHEMES
-
-    if scheme in QUANT_SCHEMES:
+    """The GPU decoder for (model, scheme): BF16 from the model folder, a quantized scheme from the same
+    ``quant.build`` checkpoint the CPU backend loads (cached, validated by ``quant.checkpoint.load_checkpoint``)."""
+    if get_scheme(scheme).quantizes_weights:
         from quant import build
         from quant.checkpoint import load_checkpoint
 
@@ -42,10 +39,9 @@ class GraphGenerator(Generator):
 
     reuses_prefix = False  # GPUDecoder.prefill starts at position 0
 
-    def __init__(self, model: GPUDecoder, tokenizer, eos_ids: set[int]) -> None:  # noqa: D107
+    def __init__(self, model: GPUDecoder) -> None:  # noqa: D107
         # the base class would allocate a models.decoder KV cache; ours lives in the GPUDecoder
-        self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, set(eos_ids), "cuda"
-        self.lock = threading.Lock()
+        self.model, self.device = model, "cuda"
         self._pos = torch.zeros(1, dtype=torch.int32, device="cuda")
         self._tok = torch.zeros(1, dtype=torch.long, device="cuda")
 
@@ -65,18 +61,15 @@ class GraphGenerator(Generator):
 
 class GPUEngine(GeneratorBackend):
     name = "gpu"
-    # quant's scheme names (the checkpoints the CPU backend loads too); what this GPU runs: supported_schemes()
-    SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8", "w8a8-fp8")
 
     def __init__(
-        self, model: str, scheme: str = "bf16", kv_cache: str | None = None, max_context: int = MAX_CONTEXT
+        self, model: str, scheme: str = DEFAULT_SCHEME, kv_cache: str | None = None, max_context: int = MAX_CONTEXT
     ) -> None:
         """kv_cache: None = the checkpoint's KV scheme (calibrated scales) or bf16; "bf16", "fp8" or "int8"."""
         ok, why = availability()
         if not ok:
             raise RequestError(f"the GPU backend is not available: {why}")
         cap = torch.cuda.get_device_capability()
-        scheme = canonical_scheme(scheme)
         if scheme not in schemes_for(cap):
             raise RequestError(
                 f"scheme {scheme!r} is not available on {torch.cuda.get_device_name()}; "
@@ -85,7 +78,8 @@ class GPUEngine(GeneratorBackend):
         if kv_cache is not None and kv_cache not in kv_options_for(cap):
             options = ", ".join(kv_options_for(cap))
             raise RequestError(f"KV cache {kv_cache!r} is not available here; choose one of {options}")
-        self.model_spec, self._scheme = model, scheme
+        super().__init__(scheme)
+        self.model_spec = model
         try:
             decoder, folder = load_for_gpu(model, scheme, kv_cache)
         except ValueError as e:  # CheckpointError and SchemeError are ValueErrors with a message that says what to do
@@ -95,13 +89,18 @@ class GPUEngine(GeneratorBackend):
             raise RequestError(f"the checkpoint's {self.kv_cache} KV cache is not available on this GPU")
         self.tokenizer = load_tokenizer(folder)  # checkpoints carry the source tokenizer and chat template
         cfg = decoder.cfg
-        decoder.allocate(1, min(cfg.max_position_embeddings, max_context))
+        self._context = min(cfg.max_position_embeddings, max_context)
+        decoder.allocate(1, self._context)
         decoder.decode_graph(1)  # capture now: before any prefill fills the cache
-        eos = set(cfg.eos_token_ids)
+        self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.generator = GraphGenerator(decoder, self.tokenizer, eos)
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.generator = GraphGenerator(decoder)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return availability()
+
+    @classmethod
+    def supported_schemes(cls) -> tuple[str, ...]:
+        return supported_schemes()

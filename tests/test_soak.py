@@ -4,8 +4,8 @@ The full 200-turn run is bench/results/soak.json."""
 import os
 
 from bench.soak import MAX_GROWTH_PCT, run_soak, summarize
+from cpu_backend.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
 from models.registry import DEFAULT_MODEL
-from models.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
 from serving.service import ChatService
 
 
