@@ -25,20 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results  # noqa: E402
-from cpu_backend.engine import CPUEngine, CPUGenerator, cpp_step_runs, pack_bf16  # noqa: E402
-from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8  # noqa: E402
-from cpu_backend.threads import configure_threads  # noqa: E402
-from models.backend import SamplingParams  # noqa: E402
-from models.config import DecoderConfig  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
-from models.registry import DEFAULT_MODEL, cache_dir, embedded_gguf, resolve  # noqa: E402
-from quant.schemes import BF16, W8A8_INT8, W8A16_INT8  # noqa: E402
+from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results
+from cpu_backend.engine import CPUEngine, CPUGenerator, cpp_step_runs, pack_bf16
+from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8
+from cpu_backend.threads import configure_threads
+from models.backend import SamplingParams
+from models.config import DecoderConfig
+from models.decoder import Decoder
+from models.registry import DEFAULT_MODEL, cache_dir, embedded_gguf, resolve
+from quant.schemes import BF16, W8A8_INT8, W8A16_INT8
 
 NEW_TOKENS = 128
 SCHEMES = (BF16, W8A16_INT8, W8A8_INT8)

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 from quant.schemes import BF16, W8A8_INT8
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 QUESTIONS = [
     "Tell me about the history of the bicycle in a few sentences.",

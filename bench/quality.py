@@ -18,7 +18,6 @@ from pathlib import Path
 from quant.schemes import BF16, W8A8_FP8, W8A8_INT8, W8A16_INT8
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def cpu_name() -> str:

@@ -24,14 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cpu_backend.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches  # noqa: E402
-from models.backend import SamplingParams  # noqa: E402
-from models.registry import DEFAULT_MODEL  # noqa: E402
-from quant.schemes import BF16  # noqa: E402
-from serving.service import ChatService, ChatSettings  # noqa: E402
+from cpu_backend.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
+from models.backend import SamplingParams
+from models.registry import DEFAULT_MODEL
+from quant.schemes import BF16
+from serving.service import ChatService, ChatSettings
 
 MIB = 1 << 20
 MAX_GROWTH_PCT = 5.0

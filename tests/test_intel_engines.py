@@ -17,6 +17,8 @@ from models.chat import build_prompt
 from models.registry import DEFAULT_MODEL
 from serving.service import ChatService, ChatSettings, backend_availability, backend_class, default_backend
 
+pytestmark = pytest.mark.slow  # builds and runs the OpenVINO and IPEX workers
+
 GREEDY = SamplingParams(max_new_tokens=24)
 QUESTION = "What is the capital of France? Answer in one short sentence."
 RUNTIMES = ("openvino", "ipex")

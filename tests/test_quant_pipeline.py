@@ -284,9 +284,3 @@ def test_cli_help_and_errors(tmp_path):
     assert r.returncode == 2 and "alpha must be in [0, 1]" in r.stderr
 
 
-def test_buildable_schemes(tiny, tmp_path):
-    import quant
-
-    assert quant.buildable_schemes(str(tiny)) == quant.SCHEMES
-    with pytest.raises(ValueError, match="not a model folder|unknown model"):
-        quant.buildable_schemes(str(tmp_path))
