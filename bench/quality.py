@@ -15,16 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import cpu_info
 from quant.schemes import BF16, W8A8_FP8, W8A8_INT8, W8A16_INT8
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -127,7 +121,7 @@ def main() -> None:
                      "kv_cache": manifest["kv_cache"], "activations": manifest.get("activations"),
                      "keep_bf16": manifest.get("keep_bf16"), "quantize_seconds": round(qtimes[name], 1), **r})
     result = {
-        "machine": {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version()},
+        "machine": {"cpu": cpu_info()["cpu"], "threads": args.threads, "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "compressed_tensors": compressed_tensors.__version__},
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),

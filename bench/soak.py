@@ -22,7 +22,8 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
+
+import psutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,14 +58,8 @@ QUESTIONS = [
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process now (/proc/self/statm; psutil where there is no /proc)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return psutil.Process().memory_info().rss
+    """Resident set size of this process now."""
+    return psutil.Process().memory_info().rss
 
 
 def make_service(max_context: int, threads: int | None, kernel_cache: int = KERNEL_CACHE_CAPACITY) -> ChatService:

@@ -7,6 +7,7 @@ from abc import abstractmethod
 from collections.abc import Iterator
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from models.backend import Backend, Message, RequestError, SamplingParams, Stopwatch, TokenEvent
 from models.chat import render_chat
@@ -35,31 +36,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
 
 
 class TextStream:
-    """Incremental detokenization that never emits half a UTF-8 character or a split word piece."""
+    """Incremental detokenization (tokenizers' DecodeStream): text is released only once it is whole, never half
+    a UTF-8 character or a word piece that the next token changes."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        self.tokenizer = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers fast tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
+        return self.stream.step(self.tokenizer, token) or ""
 
     def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+        """What is still held back at the end: nothing printable (an unfinished character is dropped)."""
+        return ""
 
 
 class LocalBackend(Backend):

@@ -40,6 +40,7 @@ from serving.service import (
     ChatSettings,
     ChatUpdate,
     backend_availability,
+    backend_model,
     backend_schemes,
     default_backend,
 )
@@ -161,14 +162,14 @@ def error_for(e: Exception) -> APIError:
     return APIError(500, f"q8chat failed inside ({type(e).__name__}); the server log has the details", "server_error")
 
 
-def model_ids(remote_model: str | None = None) -> list[tuple[str, str, str, str]]:
+def model_ids() -> list[tuple[str, str, str, str]]:
     """(id, model, backend, scheme) for what this server can run now."""
     local = [DEFAULT_MODEL, *operator_models()]
     ids = [(m, m, default_backend(), DEFAULT_SCHEME) for m in local]
     for backend in BACKENDS:
         if not backend_availability(backend)[0]:
             continue
-        models = [remote_model or DEFAULT_MODEL] if backend == "remote" else local
+        models = [backend_model(backend) or DEFAULT_MODEL] if backend == "remote" else local
         ids += [(f"{m}@{backend}:{s}", m, backend, s) for m in models for s in backend_schemes(backend)]
     return ids
 
@@ -193,9 +194,7 @@ def parse_model(model: str, backend: str | None, scheme: str | None) -> tuple[st
     if scheme not in schemes:
         raise APIError(400, f"scheme {scheme!r} is not available on {backend}; choose one of {', '.join(schemes)}")
     if backend == "remote":
-        from remote_backend.engine import remote_model
-
-        if name != (remote_model() or DEFAULT_MODEL):
+        if name != (backend_model(backend) or DEFAULT_MODEL):
             raise model_not_found(name)
     elif name != DEFAULT_MODEL:
         if not looks_like_path(name):
@@ -307,9 +306,7 @@ def create_router(service: ChatService, warmup: Warmup) -> APIRouter:
     async def list_models(request: Request) -> JSONResponse:
         try:
             authorize(request)
-            from remote_backend.engine import remote_model
-
-            ids = model_ids(remote_model())
+            ids = model_ids()
         except Exception as e:  # noqa: BLE001
             return error_for(e).response()
         data = [

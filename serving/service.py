@@ -80,6 +80,15 @@ def backend_availability(name: str) -> tuple[bool, str]:
         return False, f"{name} backend cannot load: {type(e).__name__}: {e}"
 
 
+def backend_model(name: str) -> str | None:
+    """The one model a backend serves whatever is asked (a remote server's configured model), else None."""
+    if name == "remote":
+        from remote_backend.engine import remote_model
+
+        return remote_model()
+    return None
+
+
 def backend_schemes(name: str) -> tuple[str, ...]:
     """What the backend runs on this machine (it asks the hardware: CPU ISA, GPU compute capability)."""
     ok, _ = backend_availability(name)
