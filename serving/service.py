@@ -30,11 +30,8 @@ def backend_label(name: str) -> str:
     return BACKEND_LABELS.get(name, name.upper())
 
 
-# The default engine follows the measurement among maintained engines for the page's default scheme, BF16
-# (bench/results/cpu_latency.md; IPEX is legacy and never the default): on the Xeon AMX our engine decodes BF16
-# in 0.50x OpenVINO's time per round and prefills 512 tokens in 0.57x (2026-12-01, after the C++ decode step;
-# before it OpenVINO led, 25.4 vs 28.8 ms in the previous run), so our CPU engine is the default everywhere.
-# Q8CHAT_BACKEND overrides.
+# The default engine is the fastest maintained one for the page's default scheme by the CPU benchmark
+# (bench/results/cpu_latency.md): our own CPU engine; IPEX is legacy and never the default. Q8CHAT_BACKEND overrides.
 DEFAULT_ORDER = ("cpu",)
 
 
