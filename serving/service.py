@@ -143,7 +143,10 @@ class ChatService:
                     raise RequestError(
                         f"not enough memory to load {model!r} ({scheme}); the previous model keeps serving"
                     ) from e
+                replaced = self._engines.get(backend)
                 self._engines[backend], self._keys[backend] = engine, key
+                if replaced is not None and hasattr(replaced, "close"):
+                    replaced.close()  # an Intel worker process must not outlive its engine
             return self._engines[backend]
 
     def chat(

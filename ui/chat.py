@@ -103,9 +103,11 @@ def loading_note(scheme: str) -> str:
         quantized = get_scheme(scheme).quantizes_weights
     except ValueError:
         return ""
-    return "its first use builds the quantized checkpoint (calibration + quantization), then it is cached" if (
-        quantized
-    ) else ""
+    return (
+        "its first use builds the quantized checkpoint (calibration + quantization), then it is cached"
+        if (quantized)
+        else ""
+    )
 
 
 def prompt_tokens_estimate(backend: str, model: str, scheme: str, texts: list[str]) -> int | None:
@@ -151,7 +153,9 @@ def respond(
         note = loading_note(scheme)
         waiting = f"Loading {model} ({backend_label(backend)}, {scheme}){': ' + note if note else ''}…"
     else:
-        n = prompt_tokens_estimate(backend, model, scheme, [system or ""] + [message_text(m) for m in shown])
+        n = prompt_tokens_estimate(
+            backend, model, scheme, [system or ""] + [m["content"] for m in strip_metrics(shown)]
+        )
         waiting = f"reading {n:,} prompt tokens…" if n else "reading the prompt…"
     shown[-1] = {"role": "assistant", "content": f"*{waiting}*"}
     yield shown, "", f"⏳ {waiting}"
@@ -247,7 +251,9 @@ def take(message, history, request: gr.Request):
     return "", list(history or []) + [{"role": "user", "content": message.strip()}], "⏳ waiting for the engine…"
 
 
-def run_chat(history, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed, request: gr.Request):
+def run_chat(
+    history, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed, request: gr.Request
+):
     """Answers this tab's queued messages one after another (one loop per tab; a second trigger while it runs
     returns at once and its message is answered by the running loop). Yields (chat, box, status, send, stop, saved):
     the conversation is saved in the browser after each answer, not on every streamed token."""
@@ -264,11 +270,7 @@ def run_chat(history, backend, model, scheme, system, max_new, temperature, top_
                     s.running = False
                     break
                 message = s.pending.popleft()
-            if (
-                history
-                and history[-1].get("role") == "user"
-                and message_text(history[-1]) == message.strip()
-            ):
+            if history and history[-1].get("role") == "user" and message_text(history[-1]) == message.strip():
                 history = history[:-1]  # shown by take() at once; respond() adds it back with its answer
             last = (history, "", "")
             restore = None
@@ -279,9 +281,13 @@ def run_chat(history, backend, model, scheme, system, max_new, temperature, top_
                 with shared.lock():
                     queued = _queued_status(s.pending)
                 last = (shown, box, status)
-                yield shown, gr.update(value=restore) if restore else gr.skip(), (
-                    f"{status}\n\n{queued}" if queued and status else status or queued
-                ), *_buttons(True), gr.skip()
+                yield (
+                    shown,
+                    gr.update(value=restore) if restore else gr.skip(),
+                    (f"{status}\n\n{queued}" if queued and status else status or queued),
+                    *_buttons(True),
+                    gr.skip(),
+                )
             history = last[0]
     finally:
         with shared.lock():
@@ -423,8 +429,6 @@ def build(settings: dict, capacity: int) -> dict:
     c["status"] = gr.Markdown(elem_id="status")
     gr.Examples(EXAMPLES, inputs=c["box"], label="Examples")
     gr.Markdown(METRICS_LEGEND, elem_classes=["q8-note"], elem_id="metrics-legend")
-    with gr.Row():
-        c["clear"] = gr.Button("New conversation", size="sm", variant="secondary", elem_id="clear")
     # the conversation survives a reload: kept in this browser's localStorage (encrypted by Gradio)
     c["saved"] = gr.BrowserState([], storage_key="q8chat-conversation")
 
@@ -443,7 +447,7 @@ def build(settings: dict, capacity: int) -> dict:
             show_progress="hidden", api_visibility="private",
         )  # fmt: skip
     c["stop"].click(stop, box, [box, status], queue=False, api_visibility="private")
-    c["clear"].click(clear, None, [chatbot, status, c["saved"]], queue=False, api_visibility="private")
+    chatbot.clear(clear, None, [chatbot, status, c["saved"]], queue=False, api_visibility="private")
     settings["backend"].change(
         on_backend_change, settings["backend"], [settings["backend"], settings["scheme"]], api_visibility="private"
     )

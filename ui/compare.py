@@ -80,7 +80,7 @@ def bar_plots(rows: list[dict], model: str) -> list[dict]:
     gpu = recorded_rows(model)
     colors = color_map(rows, gpu)
     updates = []
-    for key, title in METRICS:
+    for key, _ in METRICS:
         data = bars + [g for g in gpu if key in g]
         table = pd.DataFrame(
             [{"bar": d["bar"], "engine": d["engine"], key: float(d[key])} for d in data],
@@ -89,9 +89,7 @@ def bar_plots(rows: list[dict], model: str) -> list[dict]:
         caption = f"runs {runs[0]}-{runs[-1]}" if len(runs) > 1 else f"run {runs[0]}" if runs else ""
         if key != "ttft_ms" and gpu:
             caption += " · gray bars: recorded GPU runs (bench/results), not live"
-        updates.append(
-            gr.update(value=table, color_map=colors, sort=[d["bar"] for d in data], caption=caption or None)
-        )
+        updates.append(gr.update(value=table, color_map=colors, sort=[d["bar"] for d in data], caption=caption or None))
     return updates
 
 
@@ -111,8 +109,8 @@ def verdict(run: int, rows: list[dict], model: str) -> str:
     best = mine[0]
     if len(mine) == 1:
         line = (
-            f"**Run {run}:** {best['engine']} alone: {best['tokens_per_s']:.1f} tokens/s, TTFT {best['ttft_ms']:.0f} ms "
-            "(pick two or more backends to compare)."
+            f"**Run {run}:** {best['engine']} alone: {best['tokens_per_s']:.1f} tokens/s, "
+            f"TTFT {best['ttft_ms']:.0f} ms (pick two or more backends to compare)."
         )
     else:
         others = mine[1:]
@@ -125,8 +123,8 @@ def verdict(run: int, rows: list[dict], model: str) -> str:
         fastest = min(gpu.values(), key=lambda r: r.tpot_ms)
         line += (
             f" Recorded, not live: the GPU engine on an {fastest.device} decodes this model at "
-            f"{fastest.tokens_per_s:.0f} tokens/s ({fastest.scheme}), {fastest.tokens_per_s / best['tokens_per_s']:.0f}× "
-            f"{best['engine']}."
+            f"{fastest.tokens_per_s:.0f} tokens/s ({fastest.scheme}), "
+            f"{fastest.tokens_per_s / best['tokens_per_s']:.0f}× {best['engine']}."
         )
     return line
 
@@ -157,12 +155,12 @@ def cpu_isa() -> tuple[str, str]:
 def isa_note() -> str:
     name, isa = cpu_isa()
     why = {
-        "AMX": "INT8 products run on AMX tiles for prefill and VNNI dot products for decode, and an INT8 weight is half "
-        "the bytes of a bf16 one, so w8a8-int8 should beat bf16 in both TTFT and tokens/s here.",
-        "AVX-512 VNNI": "INT8 dot products run on AVX-512 VNNI (no AMX tiles): decode reads half the bytes, so INT8 "
-        "tokens/s should beat bf16; prefill gains less than on an AMX CPU.",
-        "none": "no VNNI or AMX: INT8 products are widened to ordinary vector math, so INT8 saves memory but may not "
-        "be faster than bf16 here.",
+        "AMX": "8-bit integer products run on AMX tiles (prefill) and VNNI dot products (decode), and an INT8 weight "
+        "is half the bytes of a 16-bit one, so INT8 schemes should beat the unquantized model in TTFT and tokens/s.",
+        "AVX-512 VNNI": "8-bit integer dot products run on AVX-512 VNNI (no AMX tiles): decode reads half the bytes, "
+        "so INT8 tokens/s should beat the unquantized model; prefill gains less than on an AMX CPU.",
+        "none": "no VNNI or AMX: 8-bit integer products are widened to ordinary vector math, so INT8 saves memory "
+        "but may not be faster than the unquantized model here.",
     }[isa]
     return f"**This CPU:** {name} — INT8 instructions: **{isa}**. {why}"
 
@@ -226,7 +224,9 @@ def compare(prompt, chosen, model, system, max_new, schemes, rows, verdicts, req
             shared.warmup.check(name, scheme)
             answers[name] = f"*{engine_label(name, scheme)}: reading the prompt…*"
             yield out()
-            for update in shared.service.chat(prompt, [], ChatSettings(name, model, scheme, system or "", params), cancel):
+            for update in shared.service.chat(
+                prompt, [], ChatSettings(name, model, scheme, system or "", params), cancel
+            ):
                 answers[name] = update.text
                 yield out()
         except Exception as e:  # noqa: BLE001 - shown in the backend's column
@@ -315,7 +315,9 @@ def build(model: gr.Dropdown, system: gr.Textbox, capacity: int = 1) -> None:
     with gr.Row():
         bars = [
             gr.BarPlot(
-                pd.DataFrame({"bar": pd.Series(dtype=str), "engine": pd.Series(dtype=str), key: pd.Series(dtype=float)}),
+                pd.DataFrame(
+                    {"bar": pd.Series(dtype=str), "engine": pd.Series(dtype=str), key: pd.Series(dtype=float)}
+                ),
                 x="bar",
                 y=key,
                 color="engine",

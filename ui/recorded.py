@@ -46,8 +46,14 @@ def embedded() -> tuple[Recorded, ...]:
     if not data:
         return ()
     return tuple(
-        Recorded(data.get("device", "GPU"), "SmolLM2-135M", scheme, float(row["gpu_tpot_ms"]), None,
-                 "bench/results/gpu_embedded.json")
+        Recorded(
+            data.get("device", "GPU"),
+            "SmolLM2-135M",
+            scheme,
+            float(row["gpu_tpot_ms"]),
+            None,
+            "bench/results/gpu_embedded.json",
+        )
         for scheme, row in data.get("schemes", {}).items()
         if row.get("gpu_tpot_ms")
     )
@@ -63,8 +69,16 @@ def large() -> tuple[Recorded, ...]:
             for row in entry.get("rows", []):
                 b1 = row.get("decode", {}).get("1", {})
                 if b1.get("tpot_ms"):
-                    rows.append(Recorded(data.get("device", "GPU"), model, row["scheme"], float(b1["tpot_ms"]),
-                                         row.get("ttft_ms"), f"bench/results/{path.name}"))
+                    rows.append(
+                        Recorded(
+                            data.get("device", "GPU"),
+                            model,
+                            row["scheme"],
+                            float(b1["tpot_ms"]),
+                            row.get("ttft_ms"),
+                            f"bench/results/{path.name}",
+                        )
+                    )
     return tuple(rows)
 
 
