@@ -95,10 +95,12 @@ def bar_plots(rows: list[dict], model: str) -> list[dict]:
 
 def timeline(rows: list[dict]) -> dict:
     """tokens/s of every run of the session, one point per engine and run (integer run labels, not 1.5)."""
-    data = frame(rows)
-    data["run"] = [f"run {r}" for r in data["run"]]
+    data = pd.DataFrame(
+        [{"run": f"run {r['run']}", "engine": r["engine"], "tokens_per_s": float(r["tokens_per_s"])} for r in rows],
+        columns=["run", "engine", "tokens_per_s"],
+    ).astype({"tokens_per_s": "float64"})
     order = list(dict.fromkeys(data["run"]))
-    return gr.update(value=data[["run", "engine", "tokens_per_s"]], color_map=color_map(rows, []), sort=order)
+    return gr.update(value=data, color_map=color_map(rows, []), sort=order)
 
 
 def verdict(run: int, rows: list[dict], model: str) -> str:

@@ -25,7 +25,7 @@ class Session:
 
 
 _sessions: dict[str, Session] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def session(request) -> Session:
@@ -34,7 +34,7 @@ def session(request) -> Session:
         return _sessions.setdefault(key, Session())
 
 
-def lock() -> threading.Lock:
+def lock() -> threading.RLock:
     """Guards every Session's running flag and pending queue."""
     return _lock
 
