@@ -153,6 +153,16 @@ def test_a_message_sent_mid_answer_is_queued_shown_and_answered_next(cpu_engine)
     assert outputs[-1][3]["value"] == "Send" and outputs[-1][5] == history  # idle again; saved in the browser
 
 
+def test_a_second_trigger_while_answering_changes_nothing():
+    request = SimpleNamespace(session_hash="second-trigger")
+    shared.session(request).running = True
+    try:
+        outputs = list(chat.run_chat([], *(DEFAULTS_PAGE[k] for k in chat.SETTINGS), request))
+    finally:
+        shared.session(request).running = False
+    assert outputs == [(gr.skip(),) * 6]  # every output skipped: nothing on the page is blanked
+
+
 def test_regenerate_and_edit_answer_again(cpu_engine):
     outputs, _ = run_chat("regen", "What is the capital of France? Answer in one short sentence.")
     history = outputs[-1][0]

@@ -158,7 +158,7 @@ def respond(
         )
         waiting = f"reading {n:,} prompt tokens…" if n else "reading the prompt…"
     shown[-1] = {"role": "assistant", "content": f"*{waiting}*"}
-    yield shown, "", f"⏳ {waiting}"
+    yield shown, "", f"{waiting[0].upper()}{waiting[1:]}"
     updates: queue.Queue = queue.Queue()
     stream = shared.service.chat(message, strip_metrics(history), settings, cancel)
     threading.Thread(target=_pump, args=(stream, updates), daemon=True, name="q8chat-answer").start()
@@ -171,7 +171,7 @@ def respond(
                 if first:
                     elapsed = time.monotonic() - started
                     shown[-1] = {"role": "assistant", "content": f"*{waiting} {elapsed:.0f} s*"}
-                    yield shown, "", f"⏳ {waiting} {elapsed:.0f} s"
+                    yield shown, "", f"{waiting[0].upper()}{waiting[1:]} {elapsed:.0f} s"
                 continue
             if kind == "end":
                 return
@@ -184,7 +184,7 @@ def respond(
             first = False
             answer = update.text if not update.done else f"{update.text}\n\n{metrics_line(update)}"
             shown[-1] = {"role": "assistant", "content": answer}
-            yield shown, "", "" if update.done else "✍️ generating…"
+            yield shown, "", "" if update.done else "Generating…"
     finally:
         cancel.set()  # the page went away (or the answer ended): stop the engine's loop too
 
@@ -227,7 +227,7 @@ def _queued_status(pending) -> str:
     if not pending:
         return ""
     items = "; ".join(f"“{m[:60]}{'…' if len(m) > 60 else ''}”" for m in pending)
-    return f"📨 Queued ({len(pending)}), sent when this answer ends: {items}"
+    return f"Queued ({len(pending)}), sent when this answer ends: {items}"
 
 
 def _buttons(busy: bool) -> tuple[dict, dict]:
@@ -248,7 +248,7 @@ def take(message, history, request: gr.Request):
         pending = list(s.pending)
     if busy:
         return "", gr.skip(), _queued_status(pending)
-    return "", list(history or []) + [{"role": "user", "content": message.strip()}], "⏳ waiting for the engine…"
+    return "", list(history or []) + [{"role": "user", "content": message.strip()}], "Waiting for the engine…"
 
 
 def run_chat(
@@ -260,6 +260,8 @@ def run_chat(
     s = shared.session(request)
     with shared.lock():
         if s.running or not s.pending:
+            # the running loop answers it (a generator that yields nothing would blank every output)
+            yield (gr.skip(),) * 6
             return
         s.running = True
     history = list(history or [])
