@@ -86,7 +86,8 @@ def build_prompt(
     ids = render([])
     if len(ids) > max_tokens:
         raise RequestError(
-            f"the message{' and system prompt together take' if system else ' takes'} {len(ids)} tokens but only {max_tokens} fit "
+            f"the message{' and system prompt together take' if system else ' takes'} {len(ids)} tokens but only "
+            f"{max_tokens} fit "
             "in the context with room for the answer: shorten it or lower max new tokens"
         )
     # Find the most recent turns that fit: binary search on how many oldest turns to drop.
