@@ -20,8 +20,10 @@ CSS = """
 #compare-verdict p { font-size: var(--text-lg); }
 #composer { align-items: stretch; }
 @media (max-width: 768px) {
-  #chatbot { height: 58vh !important; }
-  #composer button { min-width: 56px !important; }
+  #chatbot { height: 46vh !important; }
+  #intro p { font-size: var(--text-sm); line-height: 1.35; }
+  #composer { flex-wrap: nowrap !important; gap: 4px; }
+  #composer button { min-width: 56px !important; padding: 0 6px; }
 }
 """
 

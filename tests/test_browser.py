@@ -244,8 +244,9 @@ def test_compare_draws_every_chart_with_a_verdict_and_exports_csv(page, tmp_path
     assert [r["backend"] for r in rows] == [backend_label(n) for n in live]
     assert all(float(r["ttft_ms"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
     # a second run with another scheme accumulates: its bars draw too (new labels, new colors)
-    page.locator("#compare-scheme-cpu").click()
+    page.locator("#compare-scheme-cpu input").click()
     page.get_by_role("option", name="w8a16-int8").click()
+    page.wait_for_function("document.querySelector('#compare-scheme-cpu input').value === 'w8a16-int8'")
     page.locator("#compare-run").click()
     page.locator("#compare-verdict").get_by_text("Run 2:", exact=False).wait_for(timeout=300_000)
     for chart in CHARTS:
@@ -255,13 +256,14 @@ def test_compare_draws_every_chart_with_a_verdict_and_exports_csv(page, tmp_path
 
 
 def test_compare_stop_ends_every_column(page):
+    run = 1 + page.locator("#compare-verdict").inner_text().count("Run ")
     page.locator("#compare-prompt textarea").fill(LONG)
     page.locator("#compare-max-new input[type=number]").fill("512")
     page.locator("#compare-max-new input[type=number]").press("Enter")
     page.locator("#compare-run").click()
     page.wait_for_function("document.querySelector('#compare-answer-cpu').innerText.length > 40", timeout=120_000)
     page.locator("#compare-stop").click()
-    page.locator("#compare-verdict").get_by_text("Run 3:", exact=False).wait_for(timeout=60_000)
+    page.locator("#compare-verdict").get_by_text(f"Run {run}:", exact=False).wait_for(timeout=60_000)
     assert "stopped" in page.locator("#compare-answer-cpu").inner_text()
     for name in [n for n in ("openvino", "ipex") if backend_availability(n)[0]] + ["remote"]:
         assert "stopped before it started" in page.locator(f"#compare-answer-{name}").inner_text()
