@@ -39,6 +39,18 @@ class WorkerError(RequestError):
     """The worker failed to load or died; the message carries its own explanation."""
 
 
+# At most one worker process per runtime: each holds a whole model (~1 GB for the embedded one), so an engine that
+# starts its worker stops the one another engine of the same runtime left running (a scheme switch).
+_workers: dict[str, IntelWorkerEngine] = {}
+_workers_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    for engine in list(_workers.values()):
+        engine.close()
+
+
 class IntelWorkerEngine(LocalBackend):
     runtime: str  # the venv suffix and the worker's --runtime
 
@@ -74,7 +86,6 @@ class IntelWorkerEngine(LocalBackend):
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
         self._start()
-        atexit.register(self.close)
 
     # --- worker life cycle ---
 
@@ -109,6 +120,10 @@ class IntelWorkerEngine(LocalBackend):
         return parameter_count(resolve(model)) * (2 if cls.recipe(scheme) == "float" else 1)
 
     def _start(self) -> None:
+        with _workers_lock:
+            previous, _workers[self.runtime] = _workers.get(self.runtime), self
+        if previous is not None and previous is not self:
+            previous.close()  # before the new worker loads: never two models of one runtime in memory
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log, text=True, bufsize=1)
@@ -154,6 +169,9 @@ class IntelWorkerEngine(LocalBackend):
             self._start()  # a worker that died (killed, crashed) is restarted for the next request
 
     def close(self) -> None:
+        with _workers_lock:
+            if _workers.get(self.runtime) is self:
+                del _workers[self.runtime]
         proc, self.proc = self.proc, None
         if proc is None:
             return

@@ -38,7 +38,7 @@ def embedded_folder():
 @pytest.fixture(scope="session")
 def cpu_engine(embedded_folder):
     """The app's own CPU engine for the embedded model, shared by every test that chats."""
-    from app import service
     from models.registry import DEFAULT_MODEL
+    from ui.shared import service
 
     return service.engine("cpu", DEFAULT_MODEL, "bf16")

