@@ -66,30 +66,28 @@ STEPS = 32
 # difference to the full step; the numbers are meaningless, the time is what is measured).
 ALL_PARTS = ("rope", "attention", "merge", "norms", "oquant", "silu")
 NO_VARIANTS = False
-VARIANTS = [
-    ("b1 no PDL", {"PDL": False}, 1),
-    ("b1 unfused", {"fuse": ()}, 1),
-    ("b1 fused o-quant only", {"fuse": ("oquant",)}, 1),
-    ("b1 fused silu only", {"fuse": ("silu",)}, 1),
-    ("b1 splits 8", {"splits": 8}, 1),
-    ("b1 splits 32", {"splits": 32}, 1),
-    ("b1 -rope", {"skip": ("rope",)}, 1),
-    ("b1 -attention (split+merge)", {"skip": ("attention",)}, 1),
-    ("b1 -merge", {"skip": ("merge",)}, 1),
-    ("b1 -rmsnorms", {"skip": ("norms",)}, 1),
-    ("b1 unfused -oquant", {"fuse": (), "skip": ("oquant",)}, 1),
-    ("b1 unfused -silu", {"fuse": (), "skip": ("silu",)}, 1),
-    ("b1 GEMMs + lm_head only", {"skip": ALL_PARTS}, 1),
-    ("b1 no GEMMs", {"skip": ("gemms",)}, 1),
-    ("b8 splits 16", {"splits": 16}, 8),
-    ("b32 splits 16", {"splits": 16}, 32),
-    ("b64 splits 16", {"splits": 16}, 64),
-    ("b64 splits 2", {"splits": 2}, 64),
-    ("b64 unfused", {"fuse": ()}, 64),
-    ("b64 -attention", {"skip": ("attention",)}, 64),
-    ("b64 -rmsnorms", {"skip": ("norms",)}, 64),
-    ("b64 GEMMs + lm_head only", {"skip": ALL_PARTS}, 64),
-    ("b64 no GEMMs", {"skip": ("gemms",)}, 64),
+Q8 = ("w8a8-fp8", "w8a8-int8", "w8a16-int8")
+MAIN = ("bf16", "w8a8-fp8")
+VARIANTS = [  # (label, settings, batch, schemes)
+    ("b1 unfused", {"fuse": ()}, 1, Q8),
+    ("b1 fused o-quant only", {"fuse": ("oquant",)}, 1, ("w8a8-fp8", "w8a8-int8")),
+    ("b1 fused silu only", {"fuse": ("silu",)}, 1, ("w8a8-fp8", "w8a8-int8")),
+    ("b1 no PDL", {"PDL": False}, 1, MAIN),
+    ("b1 splits 8", {"splits": 8}, 1, MAIN),
+    ("b1 -rope", {"skip": ("rope",)}, 1, MAIN),
+    ("b1 -attention (split+merge)", {"skip": ("attention",)}, 1, MAIN),
+    ("b1 -merge", {"skip": ("merge",)}, 1, MAIN),
+    ("b1 -rmsnorms", {"skip": ("norms",)}, 1, MAIN),
+    ("b1 unfused -oquant", {"fuse": (), "skip": ("oquant",)}, 1, ("w8a8-fp8",)),
+    ("b1 unfused -silu", {"fuse": (), "skip": ("silu",)}, 1, MAIN),
+    ("b1 GEMMs + lm_head only", {"skip": ALL_PARTS}, 1, MAIN),
+    ("b1 no GEMMs", {"skip": ("gemms",)}, 1, MAIN),
+    ("b8 splits 16", {"splits": 16}, 8, MAIN),
+    ("b64 splits 16", {"splits": 16}, 64, MAIN),
+    ("b64 unfused", {"fuse": ()}, 64, Q8),
+    ("b64 -attention", {"skip": ("attention",)}, 64, MAIN),
+    ("b64 GEMMs + lm_head only", {"skip": ALL_PARTS}, 64, MAIN),
+    ("b64 no GEMMs", {"skip": ("gemms",)}, 64, MAIN),
 ]
 
 
@@ -186,8 +184,8 @@ def bench_scheme(state, cfg, scheme, kv, bw, batches, ttft_tokens) -> dict:
         )
     if cfg.hidden_size >= 4096 and not NO_VARIANTS:
         row["variants"] = {}
-        for label, settings, b in VARIANTS:
-            if b in batches:
+        for label, settings, b, schemes in VARIANTS:
+            if b in batches and scheme in schemes:
                 try:
                     ms = time_variant(dec, cfg, b, settings)
                 except Exception as e:  # noqa: BLE001  (a variant is a diagnostic: keep the run)
