@@ -62,6 +62,8 @@ class Linear:
         """An interleaved gate_up: silu(gate) * up in bf16 [M, N/2] and its row amax (None where the GEMM was
         cuBLAS, FP8 prefill: then a separate kernel pairs the columns and the consumer quantizes itself)."""
         assert self.interleaved and self.scale is not None
+        if self.act_dtype is None:
+            a_scale = None  # weight-only: the norm kernel's bf16 output carries no scale
         if self.act_dtype == FP8 and a.shape[0] > SMALL_M and a.is_cuda:
             m, _ = silu_mul_quant(w8a8(a, a_scale, self.weight, self.scale, self.bias), None, interleaved=True)
             return m, None
