@@ -60,16 +60,17 @@ SCHEMES = [("bf16", "bf16"), ("w8a8-fp8", "fp8"), ("w8a8-int8", "fp8"), ("w8a16-
 BATCHES = (1, 8, 32, 64)
 CTX = 1024  # decode steps are timed at this context length (the TTFT prompt length)
 STEPS = 32
-# The same step captured with settings changed, timed in the same run (8B shape): (label, settings, batch).
-# Settings: PDL (kernels module), fuse / splits (GPUDecoder: separate o-quant and silu kernels; attention key
-# slices), skip (ablation: parts of the step replaced by reads of a ready buffer, so their cost is the
+# The same step captured with settings changed, timed in the same run (8B shape). Settings: PDL (kernels
+# module), fuse / splits (GPUDecoder: o-quant and silu inside the GEMMs; attention key slices, None = per
+# batch size), skip (ablation: parts of the step replaced by reads of a ready buffer, so their cost is the
 # difference to the full step; the numbers are meaningless, the time is what is measured).
 ALL_PARTS = ("rope", "attention", "merge", "norms", "oquant", "silu")
 NO_VARIANTS = False
 Q8 = ("w8a8-fp8", "w8a8-int8", "w8a16-int8")
 MAIN = ("bf16", "w8a8-fp8")
+FUSED = ("oquant", "silu")
 VARIANTS = [  # (label, settings, batch, schemes)
-    ("b1 unfused", {"fuse": ()}, 1, Q8),
+    ("b1 fused", {"fuse": FUSED}, 1, Q8),
     ("b1 fused o-quant only", {"fuse": ("oquant",)}, 1, ("w8a8-fp8", "w8a8-int8")),
     ("b1 fused silu only", {"fuse": ("silu",)}, 1, ("w8a8-fp8", "w8a8-int8")),
     ("b1 no PDL", {"PDL": False}, 1, MAIN),
@@ -78,13 +79,14 @@ VARIANTS = [  # (label, settings, batch, schemes)
     ("b1 -attention (split+merge)", {"skip": ("attention",)}, 1, MAIN),
     ("b1 -merge", {"skip": ("merge",)}, 1, MAIN),
     ("b1 -rmsnorms", {"skip": ("norms",)}, 1, MAIN),
-    ("b1 unfused -oquant", {"fuse": (), "skip": ("oquant",)}, 1, ("w8a8-fp8",)),
-    ("b1 unfused -silu", {"fuse": (), "skip": ("silu",)}, 1, MAIN),
+    ("b1 -oquant", {"skip": ("oquant",)}, 1, ("w8a8-fp8",)),
+    ("b1 -silu", {"skip": ("silu",)}, 1, MAIN),
     ("b1 GEMMs + lm_head only", {"skip": ALL_PARTS}, 1, MAIN),
     ("b1 no GEMMs", {"skip": ("gemms",)}, 1, MAIN),
-    ("b8 splits 16", {"splits": 16}, 8, MAIN),
-    ("b64 splits 16", {"splits": 16}, 64, MAIN),
-    ("b64 unfused", {"fuse": ()}, 64, Q8),
+    ("b8 splits auto", {"splits": None}, 8, MAIN),
+    ("b32 splits auto", {"splits": None}, 32, MAIN),
+    ("b64 splits auto", {"splits": None}, 64, MAIN),
+    ("b64 fused, splits auto", {"fuse": FUSED, "splits": None}, 64, Q8),
     ("b64 -attention", {"skip": ("attention",)}, 64, MAIN),
     ("b64 GEMMs + lm_head only", {"skip": ALL_PARTS}, 64, MAIN),
     ("b64 no GEMMs", {"skip": ("gemms",)}, 64, MAIN),

@@ -7,11 +7,12 @@ valid for every position. q|k|v and gate|up are fused into one GEMM each (per-ch
 concatenate exactly). With 8-bit weights the elementwise steps between the decode GEMMs live inside
 the kernels around them: the attention merge accumulates the o projection's input amax and the o GEMM
 quantizes on load; the gate_up GEMM (rows interleaved gate/up) writes silu(gate) * up and its amax, and
-the down GEMM quantizes on load (``GPUDecoder.fuse``).
+the down GEMM quantizes on load (``GPUDecoder.fuse``, opt-in: Q8CHAT_GPU_FUSE).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,33 @@ from models.config import DecoderConfig
 from models.decoder import rope_inv_freq
 
 FP8 = torch.float8_e4m3fn
+FUSIBLE = ("oquant", "silu")
+
+
+def _env_fuse() -> tuple[str, ...]:
+    """Q8CHAT_GPU_FUSE: the steps fused into the GEMMs ("oquant,silu", "all"; default none). Opt-in until a
+    device run has timed them against the separate kernels (bench/gpu_latency.py captures both)."""
+    raw = os.environ.get("Q8CHAT_GPU_FUSE", "").strip().lower()
+    if raw == "all":
+        return FUSIBLE
+    steps = tuple(x.strip() for x in raw.split(",") if x.strip())
+    bad = [x for x in steps if x not in FUSIBLE]
+    if bad:
+        raise ValueError(f"Q8CHAT_GPU_FUSE: unknown steps {bad}; choose from {', '.join(FUSIBLE)} or 'all'")
+    return steps
+
+
+def _env_splits() -> int | None:
+    """Q8CHAT_GPU_ATTN_SPLITS: decode-attention key slices, a power of 2, or "auto" (per batch size); default 16
+    (the measured setting; "auto" is opt-in until timed)."""
+    raw = os.environ.get("Q8CHAT_GPU_ATTN_SPLITS", "16").strip().lower()
+    if raw == "auto":
+        return None
+    if not raw.isdigit() or int(raw) < 1 or int(raw) & (int(raw) - 1):
+        raise ValueError(f"Q8CHAT_GPU_ATTN_SPLITS={raw!r}: use a power of 2 (1 ... 64) or 'auto'")
+    return int(raw)
+
+
 # prompt lengths a batch-1 prefill graph is captured for (a prompt runs in the smallest that holds it: at most
 # 1.5x the work of its own length past 256 tokens)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -166,9 +194,12 @@ class GPUDecoder:
         lm_head: torch.Tensor,
         act_dtype: torch.dtype | None,
         kv_dtype: torch.dtype = torch.bfloat16,
-        attn_splits: int | None = None,
+        attn_splits: int | str | None = "env",
     ) -> None:
-        """attn_splits: key slices of the decode attention; None: per batch size (``decode_splits``)."""
+        """attn_splits: key slices of the decode attention; None: per batch size (``decode_splits``); "env":
+        from Q8CHAT_GPU_ATTN_SPLITS."""
+        if attn_splits == "env":
+            attn_splits = _env_splits()
         for lyr in layers:
             if isinstance(lyr.gate_up, Linear) and lyr.gate_up.scale is not None and not lyr.gate_up.interleaved:
                 lyr.gate_up = lyr.gate_up.interleave_halves()  # our GEMMs run it: silu in their epilogue
@@ -177,7 +208,7 @@ class GPUDecoder:
         # which elementwise steps run inside the GEMMs: "oquant" (the o projection's input quantization), "silu"
         # (silu(gate) * up and the down projection's input quantization); the others run as kernels of their
         # own (the benchmark captures the variants side by side)
-        self.fuse: tuple[str, ...] = ("oquant", "silu")
+        self.fuse: tuple[str, ...] = _env_fuse()
         self.device = embed.device
         self.max_batch = self.max_len = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}

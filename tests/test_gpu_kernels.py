@@ -449,3 +449,25 @@ def test_decoder_fused_steps_equal_separate_kernels(scheme, bsz):
         assert rel(outs[0][0], outs[1][0]) < 3e-2 and rel(outs[0][1], outs[1][1]) < 3e-2
     else:
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_fusion_and_splits_settings(monkeypatch):
+    """Q8CHAT_GPU_FUSE / Q8CHAT_GPU_ATTN_SPLITS: defaults are the separate kernels and 16 slices; bad values say
+    what to use."""
+    from gpu_backend import model
+    from gpu_backend.kernels.attention import decode_splits
+
+    monkeypatch.delenv("Q8CHAT_GPU_FUSE", raising=False)
+    monkeypatch.delenv("Q8CHAT_GPU_ATTN_SPLITS", raising=False)
+    assert model._env_fuse() == () and model._env_splits() == 16
+    monkeypatch.setenv("Q8CHAT_GPU_FUSE", "all")
+    monkeypatch.setenv("Q8CHAT_GPU_ATTN_SPLITS", "auto")
+    assert model._env_fuse() == ("oquant", "silu") and model._env_splits() is None
+    monkeypatch.setenv("Q8CHAT_GPU_FUSE", "silu,rope")
+    with pytest.raises(ValueError, match="oquant, silu"):
+        model._env_fuse()
+    monkeypatch.setenv("Q8CHAT_GPU_ATTN_SPLITS", "12")
+    with pytest.raises(ValueError, match="power of 2"):
+        model._env_splits()
+    # about two programs per SM: 16 slices at batch 1, none at batch 32+ (8 kv heads, 132 SMs)
+    assert [decode_splits(b, 8, 132) for b in (1, 8, 32, 64)] == [16, 4, 1, 1]
