@@ -405,9 +405,8 @@ def main() -> None:
     for runtime in ("openvino", "ipex"):
         if (runtime, "w8a8-int8") in by:
             peer = by[(runtime, "w8a8-int8")]
-            notes.append(
-                f"our W8A8-SQ TPOT / {runtime} W8A8-INT8 TPOT = {sq['tpot_ms'] / peer['tpot_ms']:.2f} (goal <= 1.0)"
-            )
+            notes.append(f"our W8A8-SQ TPOT / {runtime} W8A8-INT8 TPOT = {sq['tpot_ms'] / peer['tpot_ms']:.2f} "
+                         "(goal <= 1.0)")
     if ("llama.cpp", "Q8_0") in by:
         q8 = by[("llama.cpp", "Q8_0")]
         notes.append(f"W8A8-SQ TPOT / llama.cpp Q8_0 TPOT = {sq['tpot_ms'] / q8['tpot_ms']:.2f} (goal <= 1.0)")

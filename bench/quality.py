@@ -32,16 +32,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument(
-        "--reuse",
-        action="store_true",
-        help="reuse the checkpoints and the cold timing (quality.cold.json) of an earlier run",
-    )
-    ap.add_argument(
-        "--intel-only",
-        action="store_true",
-        help="only (re)measure the OpenVINO / IPEX rows and merge them into quality.json",
-    )
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the checkpoints and the cold timing (quality.cold.json) of an earlier run")
+    ap.add_argument("--intel-only", action="store_true",
+                    help="only (re)measure the OpenVINO / IPEX rows and merge them into quality.json")
     args = ap.parse_args()
     if args.intel_only:
         path = Path(args.out) / "quality.json"
@@ -84,17 +78,9 @@ def main() -> None:
         evaluate_checkpoints({"w8a8-int8-auto": sq}, ec)
         t_total = time.perf_counter() - t0
         cold_file.parent.mkdir(parents=True, exist_ok=True)
-        cold_file.write_text(
-            json.dumps(
-                {
-                    "quantize_seconds": round(t_quant, 1),
-                    "quantize_plus_eval_seconds": round(t_total, 1),
-                    "windows": args.windows,
-                    "threads": args.threads,
-                }
-            )
-            + "\n"
-        )
+        cold_file.write_text(json.dumps({"quantize_seconds": round(t_quant, 1),
+                                         "quantize_plus_eval_seconds": round(t_total, 1),
+                                         "windows": args.windows, "threads": args.threads}) + "\n")
     print(f"cold quantize {t_quant:.1f} s, + eval {t_total - t_quant:.1f} s = {t_total:.1f} s", flush=True)
 
     stats = load_stats(spath)
@@ -136,48 +122,24 @@ def main() -> None:
     rows = []
     for name, r in res.items():
         manifest = json.loads((Path(folders[name]) / "q8chat_manifest.json").read_text())
-        rows.append(
-            {
-                "variant": name,
-                "scheme": manifest["scheme"],
-                "alpha": manifest.get("alpha"),
-                "kv_cache": manifest["kv_cache"],
-                "activations": manifest.get("activations"),
-                "keep_bf16": manifest.get("keep_bf16"),
-                "quantize_seconds": round(qtimes[name], 1),
-                **r,
-            }
-        )
+        rows.append({"variant": name, "scheme": manifest["scheme"], "alpha": manifest.get("alpha"),
+                     "kv_cache": manifest["kv_cache"], "activations": manifest.get("activations"),
+                     "keep_bf16": manifest.get("keep_bf16"), "quantize_seconds": round(qtimes[name], 1), **r})
     result = {
         "machine": {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version()},
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "compressed_tensors": compressed_tensors.__version__,
-        },
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "compressed_tensors": compressed_tensors.__version__},
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
         "model": DEFAULT_MODEL,
-        "calibration": {
-            "data": "Wikipedia extracts (calibration split, half plain, half chat template)",
-            "samples": base.samples,
-            "seq_len": base.seq_len,
-            "search_samples": base.search_samples,
-            "search_tokens": base.search_tokens,
-        },
-        "evaluation": {
-            "data": "Wikipedia extracts (held-out split, disjoint from calibration)",
-            "windows": ref["windows"],
-            "window": ref["window"],
-            "stride": ref["stride"],
-            "tokens_scored": ref["tokens"],
-            "bf16_perplexity": ref["perplexity"],
-            "numerics": "quant.reference: int8 per-token (round-half-even, clamp +-127) / fp8 E4M3 casts",
-        },
-        "timing_seconds": {
-            "cold_quantize_w8a8_int8_auto": round(t_quant, 1),
-            "cold_quantize_plus_eval": round(t_total, 1),
-            "eval_all_variants": round(t_eval_all, 1),
-        },
+        "calibration": {"data": "Wikipedia extracts (calibration split, half plain, half chat template)",
+                        "samples": base.samples, "seq_len": base.seq_len, "search_samples": base.search_samples,
+                        "search_tokens": base.search_tokens},
+        "evaluation": {"data": "Wikipedia extracts (held-out split, disjoint from calibration)",
+                       "windows": ref["windows"], "window": ref["window"], "stride": ref["stride"],
+                       "tokens_scored": ref["tokens"], "bf16_perplexity": ref["perplexity"],
+                       "numerics": "quant.reference: int8 per-token (round-half-even, clamp +-127) / fp8 E4M3 casts"},
+        "timing_seconds": {"cold_quantize_w8a8_int8_auto": round(t_quant, 1),
+                           "cold_quantize_plus_eval": round(t_total, 1), "eval_all_variants": round(t_eval_all, 1)},
         "cold_run": json.loads(cold_file.read_text()),
         "sensitive_linears_kept_bf16": list(sensitive),
         "results": rows,
@@ -223,15 +185,9 @@ def intel_rows(windows: int, window: int, threads: int) -> list[dict]:
             finally:
                 engine.close()
             ppl = math.exp(sum(nll) / targets.numel())
-            rows.append(
-                {
-                    "engine": runtime,
-                    "scheme": scheme,
-                    "perplexity": ppl,
-                    "agreement": float((torch.tensor(argmax) == ref_top1).float().mean()),
-                    "versions": engine.info.get("versions"),
-                }
-            )
+            rows.append({"engine": runtime, "scheme": scheme, "perplexity": ppl,
+                         "agreement": float((torch.tensor(argmax) == ref_top1).float().mean()),
+                         "versions": engine.info.get("versions")})
             print(f"{runtime} {scheme}: perplexity {ppl:.3f}, agreement {rows[-1]['agreement']:.4f}", flush=True)
     return rows
 
@@ -260,16 +216,12 @@ def markdown(r: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for row in r["results"]:
-        lines.append(
-            f"| {row['variant']} | {row['perplexity']:.3f} | {row['delta_pct']:+.2f}% | "
-            f"{100 * row['agreement']:.2f}% | {row['kl']:.4f} |"
-        )
+        lines.append(f"| {row['variant']} | {row['perplexity']:.3f} | {row['delta_pct']:+.2f}% | "
+                     f"{100 * row['agreement']:.2f}% | {row['kl']:.4f} |")
     for row in r.get("intel_engines", []):
         delta = 100 * (row["perplexity"] / e["bf16_perplexity"] - 1)
-        lines.append(
-            f"| {row['engine']} {row['scheme']} | {row['perplexity']:.3f} | {delta:+.2f}% | "
-            f"{100 * row['agreement']:.2f}% | n/a |"
-        )
+        lines.append(f"| {row['engine']} {row['scheme']} | {row['perplexity']:.3f} | {delta:+.2f}% | "
+                     f"{100 * row['agreement']:.2f}% | n/a |")
     lines += [
         "",
         f"Numerics: {e['numerics']}. Cold quantize (w8a8-int8, alpha auto, statistics not cached) "
