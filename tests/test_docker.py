@@ -24,6 +24,8 @@ import pytest
 
 from tests import appserver
 
+pytestmark = pytest.mark.slow  # installs the image's steps into a fresh venv
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -83,13 +85,12 @@ def test_dockerfile_serves_7860_as_uid_1000_with_healthcheck_and_a_cuda_argument
     env = " ".join(rest for w, rest in steps if w == "ENV")
     assert "GRADIO_SERVER_PORT=7860" in env and "GRADIO_SERVER_NAME=0.0.0.0" in env
     assert json.loads(dict(steps)["CMD"]) == ["python", "app.py"]
-    assert "healthcheck.py" in dict(steps)["HEALTHCHECK"]
+    assert "serving.healthcheck" in dict(steps)["HEALTHCHECK"]
     patterns = (ROOT / ".dockerignore").read_text().split()
     for private in (".git", ".venv*", "artifacts"):
         assert private in patterns
 
 
-@pytest.mark.slow
 def test_dockerfile_install_and_start_steps_work_in_a_fresh_virtualenv(tmp_path, embedded_folder):
     home, app_dir = tmp_path / "home", tmp_path / "home" / "app"
     home.mkdir()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import app
 from models.backend import RequestError, SamplingParams
-from service import ChatSettings
+from serving.service import ChatSettings
 
 TEXT = st.one_of(
     st.just(""),
@@ -131,7 +131,7 @@ def test_sampling_validation_accepts_only_sane_values(max_new, temperature, top_
         assert str(e)
         return
     assert isinstance(max_new, int) and 1 <= max_new <= 4096
-    assert math.isfinite(temperature) and 0 <= temperature <= 5
+    assert math.isfinite(temperature) and 0 <= temperature <= 2
     assert 0 < top_p <= 1 and 0.5 <= rep <= 2 and (seed is None or seed >= 0)
 
 
@@ -170,8 +170,8 @@ def api(cpu_engine):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from openai_api import create_router
-    from startup import Warmup
+    from serving.openai_api import create_router
+    from serving.startup import Warmup
 
     server = FastAPI()
     server.include_router(create_router(app.service, Warmup()))

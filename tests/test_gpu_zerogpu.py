@@ -11,8 +11,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import gpu_backend  # noqa: E402
 from gpu_backend import zerogpu  # noqa: E402
-from models.backend import SamplingParams, Timings, TokenEvent  # noqa: E402
+from models.backend import SamplingParams, TokenEvent  # noqa: E402
 
 
 class FakeSpaces(types.ModuleType):
@@ -38,16 +39,34 @@ class FakeSpaces(types.ModuleType):
 
 
 class FakeGenerator:
+    """What runs in the GPU worker: ``Generator.start`` over a decoder (here: fixed token ids)."""
+
     def __init__(self) -> None:
         self.calls = 0
+        self.closed = 0
 
-    def generate(self, prompt_ids, params, cancel=None):
+    def start(self, prompt_ids, params):
         self.calls += 1
-        assert cancel is None  # a threading.Event cannot cross into the GPU worker
-        yield TokenEvent("Hi", 5)
-        yield TokenEvent(
-            "", None, finished=True, finish_reason="length", timings=Timings(prompt_tokens=len(prompt_ids))
-        )
+
+        def tokens():
+            try:
+                while True:
+                    yield 1
+                    yield 2
+            finally:
+                self.closed += 1
+
+        return 0, tokens()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = Tokenizer(WordLevel({"[UNK]": 0, "Hi": 1, "there": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = Whitespace(), decoders.WordPiece()
+    return types.SimpleNamespace(backend_tokenizer=tok, eos_token_id=None)
 
 
 @pytest.fixture
@@ -65,10 +84,9 @@ def zero_space(monkeypatch, tmp_path):
     for name in ("is_available", "get_device_capability", "get_device_name", "current_device"):
         monkeypatch.setattr(torch.cuda, name, no_cuda)
     engine = importlib.reload(engine)  # decorates its GPU entry point again, now with `spaces`
-    (tmp_path / "config.json").write_text("{}")
-    cfg = types.SimpleNamespace(max_position_embeddings=4096)
+    cfg = types.SimpleNamespace(max_position_embeddings=4096, eos_token_ids=[])
     monkeypatch.setattr(engine, "prepare_checkpoint", lambda model, scheme: (tmp_path, cfg))
-    monkeypatch.setattr(engine, "load_tokenizer", lambda folder: types.SimpleNamespace(eos_token_id=2))
+    monkeypatch.setattr(engine, "load_tokenizer", lambda folder: tiny_tokenizer())
     built: list[tuple] = []
     gen = FakeGenerator()
 
@@ -78,7 +96,7 @@ def zero_space(monkeypatch, tmp_path):
         return gen
 
     monkeypatch.setattr(engine, "_load_generator", load)
-    yield engine, fake, built, gen
+    yield engine, fake, built, gen, tmp_path
     engine._GENERATORS.clear()
     engine._WARM.clear()
     monkeypatch.undo()
@@ -86,20 +104,21 @@ def zero_space(monkeypatch, tmp_path):
 
 
 def test_generation_runs_inside_spaces_gpu(zero_space):
-    engine, fake, built, gen = zero_space
-    assert fake.decorated == ["_generate"]
+    engine, fake, built, gen, folder = zero_space
+    assert fake.decorated == ["_tokens"]
     eng = engine.GPUEngine("some-model", "w8a8-fp8", max_context=2048)  # no CUDA touched (fixture)
     assert eng.context_length == 2048 and built == []  # nothing built in the main process
-    params = SamplingParams(max_new_tokens=100)
-    events = list(eng.generate([1, 2, 3], params, cancel=None))
-    assert [e.text for e in events] == ["Hi", ""] and events[-1].finished
-    assert all(isinstance(e, TokenEvent) and not isinstance(e.token_id, torch.Tensor) for e in events)
-    assert built == [("some-model", "w8a8-fp8", None, 2048)] and gen.calls == 1
-    list(eng.generate([1, 2, 3], params))  # the worker keeps its generator: no second build
-    assert len(built) == 1 and gen.calls == 2
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    events = list(eng.generate_ids([1, 2, 3], params))
+    assert "".join(e.text for e in events) == "Hi there Hi there Hi" and events[-1].finished
+    assert all(isinstance(e, TokenEvent) and isinstance(e.token_id, int | None) for e in events)
+    assert built == [(str(folder), "w8a8-fp8", None, 2048)] and gen.calls == 1 and gen.closed == 1
+    list(eng.generate_ids([1, 2, 3], params))  # the worker keeps its generator: no second build
+    assert len(built) == 1 and gen.calls == 2 and gen.closed == 2
     cold, warm = fake.durations
-    assert cold == zerogpu.duration_estimate(3, 100, warm=False) and warm == zerogpu.duration_estimate(3, 100, True)
+    assert cold == zerogpu.duration_estimate(3, 5, warm=False) and warm == zerogpu.duration_estimate(3, 5, True)
     assert 10 <= warm < cold <= zerogpu.MAX_DURATION_S
+    assert engine.GPUEngine.supported_schemes() == gpu_backend.schemes_for(zerogpu.ZERO_GPU_CAPABILITY)
 
 
 def test_zerogpu_validates_scheme_without_cuda(zero_space):
@@ -138,10 +157,8 @@ def test_zero_gpu_without_spaces_package_says_what_to_do(monkeypatch):
 
 
 def test_off_zerogpu_generation_also_goes_through_the_decorator(monkeypatch):
-    """Off ZeroGPU with `spaces` installed (its decorator is effect-free there) the engine's generation still
-    runs through the decorated entry point, in this process, with Stop's event passed along."""
-    import threading
-
+    """Off ZeroGPU with `spaces` installed (its decorator is effect-free there) the engine's tokens still come
+    through the decorated entry point, in this process; closing the stream (Stop) ends it."""
     import gpu_backend.engine as engine
 
     fake = FakeSpaces()
@@ -149,20 +166,14 @@ def test_off_zerogpu_generation_also_goes_through_the_decorator(monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", fake)
     engine = importlib.reload(engine)
     try:
-        seen = {}
-
-        class Gen(FakeGenerator):
-            def generate(self, prompt_ids, params, cancel=None):
-                seen["cancel"] = cancel
-                yield TokenEvent("", None, finished=True)
-
-        key = ("m", "bf16", None, 64)
-        engine._GENERATORS[key] = Gen()
+        key = ("folder", "bf16", None, 64)
+        gen = engine._GENERATORS[key] = FakeGenerator()
         eng = object.__new__(engine.GPUEngine)
         eng._key = key
-        stop = threading.Event()
-        assert [e.finished for e in eng.generate([1], SamplingParams(), stop)] == [True]
-        assert seen["cancel"] is stop and len(fake.durations) == 1
+        _, tokens = eng.start([1], SamplingParams(), budget=100)
+        assert [next(tokens) for _ in range(3)] == [1, 2, 1]
+        tokens.close()
+        assert gen.closed == 1 and len(fake.durations) == 1
     finally:
         engine._GENERATORS.clear()
         monkeypatch.undo()

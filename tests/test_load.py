@@ -13,8 +13,10 @@ import pytest
 
 import app
 from models.backend import Backend
-from service import BACKENDS, backend_availability, backend_class
+from serving.service import BACKENDS, backend_availability, backend_class
 from tests import appserver
+
+pytestmark = pytest.mark.slow  # 8 conversations through a real server
 
 QUESTIONS = [
     "What is the capital of France? Answer in one short sentence.",

@@ -196,7 +196,7 @@ def serve(monkeypatch):
     for name in ("Q8CHAT_REMOTE_URL", "Q8CHAT_REMOTE_MODEL", "Q8CHAT_REMOTE_API_KEY_ENV", MODEL_DIRS_ENV):
         monkeypatch.setenv(name, os.environ.get(name, ""))
     ran = {}
-    monkeypatch.setattr(app, "create_app", lambda **kw: "app")
+    monkeypatch.setattr("serving.server.create_app", lambda *a, **kw: "app")
     monkeypatch.setattr("uvicorn.run", lambda application, **kw: ran.update(kw))
 
     def main(*args: str) -> dict:

