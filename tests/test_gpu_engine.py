@@ -155,7 +155,7 @@ def test_unavailable_without_cuda():
 
 def test_checkpoint_mapping_keep_bf16(tiny_checkpoints):
     """keep_bf16 linears run as BF16 GEMMs; q|k|v and gate|up fuse only where one GEMM is exact."""
-    from gpu_backend.model import Linear, Split
+    from gpu_backend.model import Linear, UnfusedLinears
     from gpu_backend.weights import build_from_checkpoint
     from quant.checkpoint import load_checkpoint
 
@@ -164,7 +164,7 @@ def test_checkpoint_mapping_keep_bf16(tiny_checkpoints):
     assert set(ckpt.kept_bf16) == set(KEEP)
     dec = build_from_checkpoint(ckpt, device="cpu")
     l0, l1 = dec.layers
-    assert isinstance(l0.qkv, Split) and [p.scale is None for p in l0.qkv.parts] == [False, True, False]
+    assert isinstance(l0.qkv, UnfusedLinears) and [p.scale is None for p in l0.qkv.parts] == [False, True, False]
     assert isinstance(l1.qkv, Linear) and l1.qkv.weight.dtype == torch.int8
     assert l1.o.scale is None and l1.down.scale is None and l1.o.act_dtype is None and l1.down.act_dtype is None
     assert isinstance(l0.gate_up, Linear) and l0.down.weight.dtype == torch.int8
@@ -177,11 +177,11 @@ def test_checkpoint_mapping_keep_bf16(tiny_checkpoints):
 
 
 def test_fuse_refuses_different_static_scales():
-    from gpu_backend.model import Linear, Split
+    from gpu_backend.model import Linear, UnfusedLinears
 
     w = torch.zeros(4, 8, dtype=torch.int8)
     parts = [Linear(w, torch.ones(4), torch.tensor([s]), None, torch.int8) for s in (0.1, 0.1, 0.2)]
-    assert isinstance(Linear.fuse(parts), Split) and isinstance(Linear.fuse(parts[:2]), Linear)
+    assert isinstance(Linear.fuse(parts), UnfusedLinears) and isinstance(Linear.fuse(parts[:2]), Linear)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
