@@ -25,5 +25,5 @@ if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
   grep -E "passed|failed|error|tests took" "$OUT/gpu_correctness.txt"
 fi
 if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
-  python3 bench/gpu_latency.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_bench_log.txt"
+  python3 -m bench.gpu_latency --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_bench_log.txt"
 fi

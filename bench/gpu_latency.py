@@ -5,7 +5,7 @@ One device run: Llama-3-8B-shaped and SmolLM2-135M-shaped models with random wei
 weights + scales made here: rounding random weights is not calibration, and speed does not depend
 on it). Writes bench/results/gpu_latency.{json,md} (or --out DIR) naming the device.
 
-    python bench/gpu_latency.py [--out DIR] [--quick]
+    python -m bench.gpu_latency [--out DIR] [--quick]  (from the repository root; the device has no install)
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-from gpu_backend import kernels  # noqa: E402
-from gpu_backend.kernels.gemm import gemm, scaled_mm  # noqa: E402
-from gpu_backend.weights import build_decoder, quantize_weight  # noqa: E402
-from models.config import DecoderConfig  # noqa: E402
+from gpu_backend import kernels
+from gpu_backend.kernels.gemm import gemm, scaled_mm
+from gpu_backend.weights import build_decoder
+from models.config import DecoderConfig
+from quant.reference import quantize_weight
+from quant.schemes import BF16, W8A8_FP8, W8A8_INT8, W8A16_INT8
 
 LLAMA3_8B = dict(
     model_type="llama",
@@ -56,7 +56,7 @@ SMOLLM2 = dict(
     max_position_embeddings=8192,
     tie_word_embeddings=True,
 )
-SCHEMES = [("bf16", "bf16"), ("w8a8-fp8", "fp8"), ("w8a8-int8", "fp8"), ("w8a16-int8", "fp8")]
+SCHEMES = [(BF16, "bf16"), (W8A8_FP8, "fp8"), (W8A8_INT8, "fp8"), (W8A16_INT8, "fp8")]  # (scheme, KV cache)
 BATCHES = (1, 8, 32, 64)
 CTX = 1024  # decode steps are timed at this context length (the TTFT prompt length)
 STEPS = 32
@@ -66,20 +66,20 @@ STEPS = 32
 # difference to the full step; the numbers are meaningless, the time is what is measured).
 ALL_PARTS = ("rope", "attention", "merge", "norms", "oquant", "silu")
 NO_VARIANTS = False
-Q8 = ("w8a8-fp8", "w8a8-int8", "w8a16-int8")
-MAIN = ("bf16", "w8a8-fp8")
+Q8 = (W8A8_FP8, W8A8_INT8, W8A16_INT8)
+MAIN = (BF16, W8A8_FP8)
 FUSED = ("oquant", "silu")
 VARIANTS = [  # (label, settings, batch, schemes)
     ("b1 fused", {"fuse": FUSED}, 1, Q8),
-    ("b1 fused o-quant only", {"fuse": ("oquant",)}, 1, ("w8a8-fp8", "w8a8-int8")),
-    ("b1 fused silu only", {"fuse": ("silu",)}, 1, ("w8a8-fp8", "w8a8-int8")),
+    ("b1 fused o-quant only", {"fuse": ("oquant",)}, 1, (W8A8_FP8, W8A8_INT8)),
+    ("b1 fused silu only", {"fuse": ("silu",)}, 1, (W8A8_FP8, W8A8_INT8)),
     ("b1 no PDL", {"PDL": False}, 1, MAIN),
     ("b1 splits 8", {"splits": 8}, 1, MAIN),
     ("b1 -rope", {"skip": ("rope",)}, 1, MAIN),
     ("b1 -attention (split+merge)", {"skip": ("attention",)}, 1, MAIN),
     ("b1 -merge", {"skip": ("merge",)}, 1, MAIN),
     ("b1 -rmsnorms", {"skip": ("norms",)}, 1, MAIN),
-    ("b1 -oquant", {"skip": ("oquant",)}, 1, ("w8a8-fp8",)),
+    ("b1 -oquant", {"skip": ("oquant",)}, 1, (W8A8_FP8,)),
     ("b1 -silu", {"skip": ("silu",)}, 1, MAIN),
     ("b1 GEMMs + lm_head only", {"skip": ALL_PARTS}, 1, MAIN),
     ("b1 no GEMMs", {"skip": ("gemms",)}, 1, MAIN),
@@ -502,8 +502,8 @@ def gemv_sweep() -> list[dict]:
     rows = []
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        w8, s8 = quantize_weight(wb, torch.int8)
-        wf, sf = quantize_weight(wb, torch.float8_e4m3fn)
+        w8, s8 = quantize_weight(wb, "int")
+        wf, sf = quantize_weight(wb, "float")
         a = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         sa = torch.rand(1, device="cuda") + 0.5
         out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
@@ -541,8 +541,8 @@ def kernel_table(bw: float) -> list[dict]:
     rows = []
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        w8, s8 = quantize_weight(wb, torch.int8)
-        wf, sf = quantize_weight(wb, torch.float8_e4m3fn)
+        w8, s8 = quantize_weight(wb, "int")
+        wf, sf = quantize_weight(wb, "float")
         cb, c8, cf = G.weight_copies(wb), G.weight_copies(w8), G.weight_copies(wf)
         copies = {
             "bf16_cublas": cb,
@@ -632,23 +632,23 @@ def markdown(res: dict) -> str:
                 f"batch 1: " + (f"TPOT {peer['tpot_ms']:.2f} ms" if "tpot_ms" in peer else peer["error"]),
             ]
         rows = {r["scheme"]: r for r in entry["rows"]}
-        if {"bf16", "w8a8-fp8", "w8a8-int8"} <= rows.keys():
-            b = rows["bf16"]
+        if {BF16, W8A8_FP8, W8A8_INT8} <= rows.keys():
+            b = rows[BF16]
             g = [
                 (
                     "FP8 b1 speed-up vs BF16 (goal 1.8)",
-                    b["decode"][1]["tpot_ms"] / rows["w8a8-fp8"]["decode"][1]["tpot_ms"],
+                    b["decode"][1]["tpot_ms"] / rows[W8A8_FP8]["decode"][1]["tpot_ms"],
                 ),
                 (
                     "INT8-SQ b1 speed-up vs BF16 (goal 1.8)",
-                    b["decode"][1]["tpot_ms"] / rows["w8a8-int8"]["decode"][1]["tpot_ms"],
+                    b["decode"][1]["tpot_ms"] / rows[W8A8_INT8]["decode"][1]["tpot_ms"],
                 ),
                 ("BF16 b1 MBU (goal 0.85)", b["decode"][1]["mbu"]),
-                ("FP8 b1 MBU (goal 0.85)", rows["w8a8-fp8"]["decode"][1]["mbu"]),
-                ("TTFT BF16 / FP8 (goal 1.5)", b["ttft_ms"] / rows["w8a8-fp8"]["ttft_ms"]),
+                ("FP8 b1 MBU (goal 0.85)", rows[W8A8_FP8]["decode"][1]["mbu"]),
+                ("TTFT BF16 / FP8 (goal 1.5)", b["ttft_ms"] / rows[W8A8_FP8]["ttft_ms"]),
                 (
                     "FP8 tok/s b64 / BF16 tok/s b32 (goal 2.4)",
-                    rows["w8a8-fp8"]["decode"][64]["tok_per_s"] / b["decode"][32]["tok_per_s"],
+                    rows[W8A8_FP8]["decode"][64]["tok_per_s"] / b["decode"][32]["tok_per_s"],
                 ),
             ]
             if peer and "tpot_ms" in peer:
