@@ -257,5 +257,9 @@ def load_quantized(folder: Path, scheme: str) -> Decoder:
             module = method.create(weight, weight_scale, input_scale, bias)
         decoder.replace_linear(name, module)
     decoder.fuse_projections(fuse_int8)
-    decoder.lm_head = BF16Linear.from_linear(decoder.lm_head, prefill_copy=False)
+    if ckpt.is_quantized("lm_head"):
+        weight, weight_scale, _ = ckpt.linear("lm_head")
+        decoder.lm_head = LINEAR_METHODS[(ckpt.scheme.weight_type, None)].create(weight, weight_scale, None, None)
+    else:
+        decoder.lm_head = BF16Linear.from_linear(decoder.lm_head, prefill_copy=False)
     return decoder

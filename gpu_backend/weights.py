@@ -124,10 +124,12 @@ def build_decoder(
             )
         )
     embed = state["model.embed_tokens.weight"].to(device, torch.bfloat16)
-    lm_head = (
-        embed
-        if cfg.tie_word_embeddings or "lm_head.weight" not in state
-        else state["lm_head.weight"].to(device, torch.bfloat16)
-    )
+    if "lm_head.weight_scale" in state:  # an INT8 head: the GPU's head GEMM runs in BF16, on its dequantized values
+        head = state["lm_head.weight"].to(device)
+        lm_head = (head.float() * state["lm_head.weight_scale"].to(device).float()).to(torch.bfloat16)
+    elif cfg.tie_word_embeddings or "lm_head.weight" not in state:
+        lm_head = embed
+    else:
+        lm_head = state["lm_head.weight"].to(device, torch.bfloat16)
     norm = state["model.norm.weight"].to(device, torch.bfloat16)
     return GPUDecoder(cfg, embed, layers, norm, lm_head, act, kv_dtype)

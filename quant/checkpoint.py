@@ -89,8 +89,8 @@ def _suffixes() -> tuple[str, ...]:
     return LINEAR_SUFFIXES
 
 
-def ignore_list(keep_bf16: list[str]) -> list[str]:
-    return ["lm_head", *keep_bf16]
+def ignore_list(keep_bf16: list[str], scheme: Scheme) -> list[str]:
+    return [*([] if scheme.int8_lm_head else ["lm_head"]), *keep_bf16]
 
 
 def save_checkpoint(
@@ -104,7 +104,9 @@ def save_checkpoint(
         hf = json.loads((source / "config.json").read_text())
         hf["dtype"] = "bfloat16"
         hf.pop("torch_dtype", None)
-        qc = quantization_config(scheme, ignore_list(keep_bf16))
+        qc = quantization_config(scheme, ignore_list(keep_bf16, scheme))
+        if scheme.int8_lm_head:
+            hf["tie_word_embeddings"] = False  # the head has its own (quantized) weight now
         if qc is not None:
             hf["quantization_config"] = qc
         else:
@@ -117,6 +119,7 @@ def save_checkpoint(
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "scheme": scheme.name, "kv_cache": scheme.kv_cache,
             "activations": scheme.activations if scheme.activation_type else None, "keep_bf16": keep_bf16,
+            "int8_lm_head": scheme.int8_lm_head,
             **info, "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -181,6 +184,9 @@ def _expected(cfg: DecoderConfig, scheme: Scheme, keep_bf16: set[str]) -> dict[s
             exp[f"{module}.weight_scale"] = (torch.float32, (t.shape[0], 1))
             if scheme.static_activations:
                 exp[f"{module}.input_scale"] = (torch.float32, (1,))
+        elif name == "lm_head.weight" and scheme.int8_lm_head:
+            exp[name] = (torch.int8, tuple(t.shape))
+            exp["lm_head.weight_scale"] = (torch.float32, (t.shape[0], 1))
         else:
             exp[name] = (None, tuple(t.shape))
     if scheme.kv_cache != "none":
@@ -203,11 +209,11 @@ def load_checkpoint(folder: str | Path, verify_hashes: bool = True) -> Quantized
         raise CheckpointError(f"{config_path} is not a usable model config: {e}") from e
     try:
         scheme = get_scheme(manifest.get("scheme"), manifest.get("kv_cache", "none"),
-                            manifest.get("activations") or "dynamic")
+                            manifest.get("activations") or "dynamic", bool(manifest.get("int8_lm_head", False)))
     except SchemeError as e:
         raise CheckpointError(f"{folder / MANIFEST}: {e}") from e
     keep = list(manifest.get("keep_bf16", []))
-    if hf.get("quantization_config") != quantization_config(scheme, ignore_list(keep)):
+    if hf.get("quantization_config") != quantization_config(scheme, ignore_list(keep, scheme)):
         raise CheckpointError(f"{config_path}: quantization_config does not describe scheme {scheme.name!r} "
                               f"(kv cache {scheme.kv_cache}) named in {MANIFEST}")
     weights = folder / WEIGHTS

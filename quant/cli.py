@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="int8 activations: per-token dynamic (default) or static per-tensor input_scale")
     q.add_argument("--keep-bf16", nargs="*", default=[], metavar="LINEAR",
                    help="linears left unquantized, e.g. model.layers.0.mlp.down_proj")
+    q.add_argument("--int8-lm-head", action="store_true",
+                   help="the LM head as INT8 weights too (int8-weight schemes; a third of W8A8's bytes per token)")
     q.add_argument("--search-samples", type=int, default=8, help="alpha=auto: samples used to score the grid")
     q.add_argument("--out", required=True, help="checkpoint folder (replaced if it exists)")
     q.add_argument("--eval", action="store_true", help="evaluate the checkpoint afterwards")
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             qc = QuantizeConfig(model=args.model, scheme=args.scheme, alpha=alpha, kv_cache=args.kv_cache,
                                 activations=args.activations, data=args.data, samples=args.samples,
                                 seq_len=args.seq_len, search_samples=args.search_samples, batch_size=args.batch_size,
-                                keep_bf16=tuple(args.keep_bf16))
+                                keep_bf16=tuple(args.keep_bf16), int8_lm_head=args.int8_lm_head)
             t0 = time.perf_counter()
             out = quantize(qc, args.out)
             print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")

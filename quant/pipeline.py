@@ -39,9 +39,10 @@ class QuantizeConfig:
     search_tokens: int = 1024  # ... subsampled to this many tokens per layer
     batch_size: int = 8
     keep_bf16: tuple[str, ...] = field(default_factory=tuple)  # linears left unquantized (full names)
+    int8_lm_head: bool = False  # the LM head too, as INT8 weights (int8-weight schemes)
 
     def validate(self) -> Scheme:
-        scheme = get_scheme(self.scheme, self.kv_cache, self.activations)
+        scheme = get_scheme(self.scheme, self.kv_cache, self.activations, self.int8_lm_head)
         if isinstance(self.alpha, str):
             if self.alpha != "auto":
                 raise SchemeError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
@@ -166,6 +167,9 @@ def quantize_tensors(cfg: DecoderConfig, src: dict[str, torch.Tensor], scheme: S
                 v_amax = v_amax.flatten() / x_absmax["v_divisor"]
             out[f"{p}self_attn.k_scale"] = (k_amax.max().clamp_min(1e-6) / qmax).reshape(1).float()
             out[f"{p}self_attn.v_scale"] = (v_amax.max().clamp_min(1e-6) / qmax).reshape(1).float()
+    if scheme.int8_lm_head:  # from the tied embedding where there is no head of its own
+        head = src["lm_head.weight"] if "lm_head.weight" in src else src["model.embed_tokens.weight"]
+        out["lm_head.weight"], out["lm_head.weight_scale"] = quantize_weight(head, "int")
     return out
 
 
@@ -174,7 +178,8 @@ def default_out(qc: QuantizeConfig) -> Path:
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(qc.model).name)
     alpha = f"-a{qc.alpha}" if qc.smoothing else ""
     kv = f"-kv{qc.kv_cache}" if qc.kv_cache != "none" else ""
-    return cache_dir() / "checkpoints" / f"{slug}-{qc.scheme}{alpha}{kv}-{digest}"
+    head = "-i8head" if qc.int8_lm_head else ""
+    return cache_dir() / "checkpoints" / f"{slug}-{qc.scheme}{alpha}{kv}{head}-{digest}"
 
 
 def build(model_spec: str, scheme: str, alpha: float | str = "auto", kv_cache: str = "none",

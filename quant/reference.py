@@ -154,8 +154,12 @@ def reference_decoder(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "
     cfg = ckpt.config
     with torch.device("meta"):
         linear_names = {n for n in Decoder(cfg).linear_names() if ckpt.is_quantized(n)}  # kept-BF16: nn.Linear
-    model = decoder_from_tensors(cfg, ckpt.tensors, dtype, device, skip=linear_names, where=str(ckpt.folder))
+    head = {"lm_head"} if ckpt.is_quantized("lm_head") else set()
+    model = decoder_from_tensors(cfg, ckpt.tensors, dtype, device, skip=linear_names | head, where=str(ckpt.folder))
     act = ckpt.scheme.activation_type
+    if head:  # weight-only INT8
+        w, ws, _ = ckpt.linear("lm_head")
+        model.lm_head = QuantLinearRef(w.to(device), ws.to(device), None)
     for name in sorted(linear_names):
         w, ws, xs = ckpt.linear(name)
         bias = ckpt.tensors.get(f"{name}.bias")

@@ -29,6 +29,7 @@ class Scheme:
     activations: str = "dynamic"  # "dynamic" per-token, or "static" per-tensor (calibrated input_scale)
     smooth: bool = False  # SmoothQuant folds per-channel scales into the weights before quantizing them
     kv_cache: str = "none"
+    int8_lm_head: bool = False  # the LM head as INT8 weights (per output channel) with BF16 activations
 
     @property
     def formats(self) -> tuple[str | None, str | None]:
@@ -89,7 +90,7 @@ SCHEMES: tuple[str, ...] = tuple(REGISTRY)
 DEFAULT_SCHEME = BF16
 
 
-def get_scheme(name: str, kv_cache: str = "none", activations: str = "dynamic") -> Scheme:
+def get_scheme(name: str, kv_cache: str = "none", activations: str = "dynamic", int8_lm_head: bool = False) -> Scheme:
     if name not in REGISTRY:
         raise SchemeError(f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}")
     if kv_cache not in KV_CACHE_OPTIONS:
@@ -100,7 +101,13 @@ def get_scheme(name: str, kv_cache: str = "none", activations: str = "dynamic") 
     if activations == "static" and scheme.activation_type != "int":
         static = [s.name for s in REGISTRY.values() if s.activation_type == "int"]
         raise SchemeError(f"static per-tensor activations are offered for {', '.join(static)} only")
-    return dataclasses.replace(scheme, activations=activations, kv_cache=kv_cache)
+    if int8_lm_head and scheme.weight_type != "int":
+        heads = [s.name for s in REGISTRY.values() if s.weight_type == "int"]
+        raise SchemeError(f"an INT8 LM head is offered for {', '.join(heads)} only")
+    return dataclasses.replace(scheme, activations=activations, kv_cache=kv_cache, int8_lm_head=int8_lm_head)
+
+
+LAYER_LINEARS = "re:.*layers\\.\\d+\\..*_proj$"  # the decoder layers' projections, not the LM head
 
 
 def quantization_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any] | None:
@@ -122,9 +129,15 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any] | N
         if scheme.activation_type is not None:
             static = scheme.static_activations
             acts = args(scheme.activation_type, "tensor" if static else "token", dynamic=not static)
+        # with a quantized LM head, each group names its own modules (both would match the class "Linear")
+        targets = [LAYER_LINEARS] if scheme.int8_lm_head else ["Linear"]
         groups["group_0"] = QuantizationScheme(
-            targets=["Linear"], weights=args(scheme.weight_type, "channel", False), input_activations=acts, format=fmt
+            targets=targets, weights=args(scheme.weight_type, "channel", False), input_activations=acts, format=fmt
         )
+        if scheme.int8_lm_head:
+            groups["group_1"] = QuantizationScheme(
+                targets=["lm_head"], weights=args("int", "channel", False), input_activations=None, format=fmt
+            )
     kv = None
     if scheme.kv_cache != "none":
         kv = args("int" if scheme.kv_cache == "int8" else "float", "tensor", dynamic=False)

@@ -165,6 +165,9 @@ def checkpoints(embedded_folder, tmp_path_factory):
     return {
         "w8a8-int8": quant.build("smollm2-135m", "w8a8-int8", alpha=0.5, out=out / "sq", **small),
         "w8a16-int8": quant.build("smollm2-135m", "w8a16-int8", out=out / "wo", **small),
+        "w8a8-int8+head": quant.build(
+            "smollm2-135m", "w8a8-int8", alpha=0.5, out=out / "sqh", int8_lm_head=True, **small
+        ),
     }
 
 
@@ -196,6 +199,31 @@ def test_engine_answers_on_int8(checkpoints, scheme):
     ids = build_prompt(engine.tokenizer, "What is the capital of France? Answer in one short sentence.").ids
     events = list(engine.generate_ids(ids, SamplingParams(max_new_tokens=32)))
     assert "Paris" in "".join(e.text for e in events)
+
+
+def test_int8_lm_head_runs_the_w8a16_gemv_and_follows_the_reference(checkpoints):
+    """The INT8 head (weight-only, per output channel) on the CPU: the same logits as the reference up to the
+    W8A16 GEMV's float32 sums, the same tokens, and a chat answer."""
+    from cpu_backend.linear import Int8WeightOnlyLinear
+    from quant.reference import reference_decoder
+
+    folder = checkpoints["w8a8-int8+head"]
+    ckpt = load_checkpoint(folder)
+    assert ckpt.scheme.int8_lm_head and ckpt.tensors["lm_head.weight"].dtype == torch.int8
+    ours = load_quantized(folder, "w8a8-int8")
+    assert isinstance(ours.lm_head, Int8WeightOnlyLinear)
+    ref = reference_decoder(ckpt, dtype=torch.bfloat16)
+    ids = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        c1, c2 = ours.new_cache(1, 32), ref.new_cache(1, 32)
+        a = torch.cat([ours(ids[:, :20], c1, 0)] + [ours(ids[:, i : i + 1], c1, i) for i in range(20, 24)], 1)
+        b = torch.cat([ref(ids[:, :20], c2, 0)] + [ref(ids[:, i : i + 1], c2, i) for i in range(20, 24)], 1)
+    # the head's W8A16 kernels round their products to BF16 (as the W8A16 scheme's linears): close, not bit-exact
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert ((a - b).norm() / b.norm()).item() < 1e-2
+    engine = CPUEngine("smollm2-135m", "w8a8-int8", checkpoint=folder)
+    ids = build_prompt(engine.tokenizer, "What is the capital of France? Answer in one short sentence.").ids
+    assert "Paris" in "".join(e.text for e in engine.generate_ids(ids, SamplingParams(max_new_tokens=32)))
 
 
 def test_fp8_is_refused_on_cpu_with_the_reason():

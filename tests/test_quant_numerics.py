@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import re
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -191,3 +193,20 @@ def test_compressed_tensors_parses_our_quantization_config(name, kv):
         assert parsed.kv_cache_scheme.strategy == QuantizationStrategy.TENSOR
     static = QuantizationConfig.model_validate(quantization_config(get_scheme("w8a8-int8", activations="static"), []))
     assert static.config_groups["group_0"].input_activations.dynamic is False
+
+
+def test_int8_lm_head_is_its_own_compressed_tensors_group():
+    from compressed_tensors.quantization import QuantizationConfig
+
+    plain = QuantizationConfig.model_validate(quantization_config(get_scheme("w8a8-int8"), ["lm_head"]))
+    assert plain.config_groups["group_0"].targets == ["Linear"] and plain.ignore == ["lm_head"]
+    qc = quantization_config(get_scheme("w8a8-int8", int8_lm_head=True), [])
+    parsed = QuantizationConfig.model_validate(qc)
+    layers, head = parsed.config_groups["group_0"], parsed.config_groups["group_1"]
+    assert head.targets == ["lm_head"] and head.input_activations is None and head.weights.num_bits == 8
+    assert "lm_head" not in (parsed.ignore or [])
+    pattern = re.compile(layers.targets[0].removeprefix("re:"))
+    assert pattern.match("model.layers.11.self_attn.q_proj") and pattern.match("model.layers.0.mlp.down_proj")
+    assert not pattern.match("lm_head")  # the two groups never claim the same module
+    with pytest.raises(SchemeError, match="INT8 LM head"):
+        get_scheme("w8a8-fp8", int8_lm_head=True)
