@@ -54,6 +54,8 @@ CASES = [
     ("w8a8-int8-static", "w8a8-int8", {"activations": "static"}),
     ("w8a8-int8-keep", "w8a8-int8", {"keep_bf16": KEEP, "kv_cache": "fp8"}),
     ("w8a8-fp8-kvfp8", "w8a8-fp8", {"kv_cache": "fp8"}),
+    ("w8a16-fp8", "w8a16-fp8", {}),
+    ("w8a8-int8-head", "w8a8-int8", {"int8_lm_head": True}),
 ]
 
 
