@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from quant.data import LANGUAGES
 from quant.schemes import ACTIVATION_MODES, KV_CACHE_OPTIONS, REGISTRY, SCHEMES, W8A8_INT8
 
 EPILOG = "schemes:\n" + "".join(f"  {s.name:<11} {s.summary}\n" for s in REGISTRY.values()) + f"""\
@@ -72,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=32, help="held-out windows (default 32)")
     e.add_argument("--window", type=int, default=512, help="tokens per window; stride = window (default 512)")
     e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--language", choices=LANGUAGES, default=LANGUAGES[0], help="held-out Wikipedia text language")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", help="also write the results to this file")
     s = sub.add_parser("stats", help="collect (or show cached) activation statistics")
@@ -80,16 +82,16 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _eval(folders: list[str], windows: int, window: int, batch_size: int) -> dict:
+def _eval(folders: list[str], windows: int, window: int, batch_size: int, language: str = LANGUAGES[0]) -> dict:
     from quant.evaluate import EvalConfig, evaluate_checkpoints
 
     names = {Path(f).name or str(f): f for f in folders}
-    return evaluate_checkpoints(names, EvalConfig(windows, window, batch_size))
+    return evaluate_checkpoints(names, EvalConfig(windows, window, batch_size, language))
 
 
 def _print_eval(result: dict) -> None:
     ref = result["reference"]
-    print(f"BF16 perplexity {ref['perplexity']:.4f} on {ref['tokens']} tokens "
+    print(f"BF16 perplexity {ref['perplexity']:.4f} on {ref['tokens']} {ref['language']} tokens "
           f"({ref['windows']} windows x {ref['window']}, stride {ref['stride']})")
     for name, r in result.items():
         if name != "reference":
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval:
                 _print_eval(_eval([str(out)], args.windows, 512, 2))
         elif args.command == "eval":
-            result = _eval(args.folders, args.windows, args.window, args.batch_size)
+            result = _eval(args.folders, args.windows, args.window, args.batch_size, args.language)
             _print_eval(result)
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

