@@ -54,14 +54,14 @@ def wiki_split(path: Path | None = None, language: str = LANGUAGES[0]) -> tuple[
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
-    calib, evals = [], []
-    for key in sorted(raw, key=_title_hash):
-        entry = raw[key]
+    articles = {}
+    for key, entry in raw.items():
         text = (entry.get("extract") or "").strip() if isinstance(entry, dict) else ""
-        if not text:
-            continue
-        article = Article(str(entry.get("title") or key), text)
-        (evals if _title_hash(key) % 100 < EVAL_PERCENT else calib).append(article)
+        if text:  # split by the article's title (some files list one article under several keys): never both sides
+            articles.setdefault(str(entry.get("title") or key), text)
+    calib, evals = [], []
+    for title in sorted(articles, key=_title_hash):
+        (evals if _title_hash(title) % 100 < EVAL_PERCENT else calib).append(Article(title, articles[title]))
     return calib, evals
 
 

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from models.registry import file_digest  # noqa: E402
 from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint  # noqa: E402
-from quant.data import calibration_samples, eval_windows, read_user_file, wiki_split  # noqa: E402
+from quant.data import DataError, calibration_samples, eval_windows, read_user_file, wiki_split  # noqa: E402
 from quant.pipeline import QuantizeConfig, quantize  # noqa: E402
 from tests.quant_fixtures import write_tiny_folder  # noqa: E402
 
@@ -67,6 +67,18 @@ def test_calibration_samples_mix_plain_and_chat(tokenizer):
     assert (rows[1] == im_start).any() and not (rows[0] == im_start).any()  # row 1 is a chat turn
     held_out = eval_windows(tokenizer, 2, 64)
     assert held_out.shape == (2, 64)
+
+
+def test_held_out_text_in_other_languages(tokenizer):
+    english = tokenizer.decode(eval_windows(tokenizer, 1, 128)[0])
+    for language, words in (("es-es", (" de ", " la ", " el ")), ("fr-fr", (" de ", " la ", " le "))):
+        text = tokenizer.decode(eval_windows(tokenizer, 1, 128, language)[0])
+        assert text != english and sum(text.count(w) for w in words) >= 3, text
+        calib, evals = wiki_split(language=language)
+        assert evals and calib and not {a.title for a in calib} & {a.title for a in evals}
+        assert not {a.text for a in calib} & {a.text for a in evals}  # files list some articles under two keys
+    with pytest.raises(DataError, match="choose one of en-us, es-es, fr-fr"):
+        eval_windows(tokenizer, 1, 64, "de-de")
 
 
 def test_user_calibration_files(tokenizer, tmp_path):
