@@ -40,7 +40,9 @@ def _alpha(value: str) -> float | str:
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a HF model folder or a .gguf")
-    p.add_argument("--data", default="wiki", help="calibration text: 'wiki' (bundled) or a .txt / .jsonl file")
+    p.add_argument("--data", default="wiki",
+                   help="calibration text: wiki (bundled, English), wiki-multi (English, Spanish, French) "
+                   "or a .txt / .jsonl file")
     p.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--batch-size", type=int, default=8)

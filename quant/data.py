@@ -116,20 +116,31 @@ def _pack(streams: Iterable[list[int]], n: int, seq_len: int, what: str) -> torc
     return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+WIKI_SOURCES = {"wiki": LANGUAGES[:1], "wiki-multi": LANGUAGES}  # calibration text: English, or all languages
+
+
 def calibration_samples(
     tokenizer, n: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, source: str | Path = "wiki"
 ) -> torch.Tensor:
-    """[n, seq_len] token ids. Wiki: half the rows plain extracts, half chat turns in the model's template."""
+    """[n, seq_len] token ids. Wiki: half the rows plain extracts, half chat turns in the model's template;
+    wiki-multi: the rows shared out between the languages, interleaved (any prefix holds every language)."""
     if n < 1 or seq_len < 8:
         raise DataError(f"need at least 1 sample of 8 tokens, got {n} x {seq_len}")
-    if str(source) != "wiki":
+    if str(source) not in WIKI_SOURCES:
         docs = read_user_file(source)
         streams = [
             _render_chat(tokenizer, d) if isinstance(d, list) else _encode(tokenizer, d) + [tokenizer.eos_token_id]
             for d in docs
         ]
         return _pack(streams, n, seq_len, str(source))
-    calib, _ = wiki_split()
+    languages = WIKI_SOURCES[str(source)]
+    counts = [n // len(languages) + (i < n % len(languages)) for i in range(len(languages))]
+    parts = [_wiki_rows(tokenizer, k, seq_len, lang) for lang, k in zip(languages, counts, strict=True) if k]
+    return torch.stack([parts[i % len(parts)][i // len(parts)] for i in range(n)])
+
+
+def _wiki_rows(tokenizer, n: int, seq_len: int, language: str) -> torch.Tensor:
+    calib, _ = wiki_split(language=language)
     plain_rows, chat_rows = (n + 1) // 2, n // 2
     plain = (_encode(tokenizer, a.text + "\n\n") for a in calib[0::2])  # generators: encode only what is used
     chat = (
@@ -137,8 +148,8 @@ def calibration_samples(
                                  {"role": "assistant", "content": a.text}])
         for i, a in enumerate(calib[1::2])
     )
-    plain_t = _pack(plain, plain_rows, seq_len, "the plain calibration text")
-    chat_t = _pack(chat, chat_rows, seq_len, "the chat calibration text") if chat_rows else plain_t[:0]
+    plain_t = _pack(plain, plain_rows, seq_len, f"the plain {language} calibration text")
+    chat_t = _pack(chat, chat_rows, seq_len, f"the chat {language} calibration text") if chat_rows else plain_t[:0]
     # interleave (plain, chat, plain, ...) so that any prefix of the samples holds both kinds
     return torch.stack([plain_t[i // 2] if i % 2 == 0 else chat_t[i // 2] for i in range(n)])
 

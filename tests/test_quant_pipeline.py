@@ -296,3 +296,13 @@ def test_cli_help_and_errors(tmp_path):
     assert r.returncode == 2 and "alpha must be in [0, 1]" in r.stderr
 
 
+
+
+def test_multilingual_calibration_interleaves_the_languages(tokenizer):
+    english = calibration_samples(tokenizer, 4, 64)
+    multi = calibration_samples(tokenizer, 6, 64, "wiki-multi")
+    assert multi.shape == (6, 64)
+    assert torch.equal(multi[0], english[0])  # row 0 is English in both: the prefix holds every language
+    spanish, french = tokenizer.decode(multi[1]), tokenizer.decode(multi[2])
+    assert " de " in spanish and spanish != tokenizer.decode(english[1]) and " de " in french
+    assert not torch.equal(multi[1], multi[2])
