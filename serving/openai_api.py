@@ -92,6 +92,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = None
     backend: str | None = None
     scheme: str | None = None
+    cache_prompt: bool = True  # llama.cpp's name: false prefills the whole prompt (the same tokens, cache or not)
     # OpenAI fields q8chat does not implement: refused unless at their default
     n: int | None = None
     stop: str | list[str] | None = None
@@ -240,6 +241,7 @@ def parse_request(body: object) -> tuple[ChatCompletionRequest, ChatSettings, st
         top_k=given(req.top_k, CHAT_DEFAULTS.top_k),
         repetition_penalty=given(req.repetition_penalty, CHAT_DEFAULTS.repetition_penalty),
         seed=req.seed,
+        cache_prompt=req.cache_prompt,
     )
     params.validate()  # RequestError -> 400 with the parameter's own message
     return req, ChatSettings(backend, model, scheme, system, params), message, history

@@ -235,6 +235,11 @@ def test_operator_allowed_models_are_listed_and_served(tmp_path, embedded_folder
         r = http.post("/v1/chat/completions", json={"model": str(tiny), "messages": CAPITAL, "max_tokens": 4})
         assert r.status_code == 200 and r.json()["model"] == str(tiny)
         assert r.json()["usage"]["completion_tokens"] >= 1
+        again = {"model": str(tiny), "messages": CAPITAL, "max_tokens": 4, "temperature": 0}
+        warm = http.post("/v1/chat/completions", json=again).json()
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the same prompt: the cache holds it
+        cold = http.post("/v1/chat/completions", json={**again, "cache_prompt": False}).json()
+        assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         outside = http.post("/v1/chat/completions", json={"model": "/etc", "messages": CAPITAL})
         assert outside.status_code == 404 and "outside the folders" in outside.json()["error"]["message"]
         huge = http.post("/v1/chat/completions", json={"model": str(tiny), "messages": CAPITAL, "seed": 1e30})

@@ -125,7 +125,8 @@ def test_text_stream_never_splits_characters(cpu_engine):
 
 def test_next_turn_prefills_only_the_new_tokens(cpu_engine):
     """A chat's next turn repeats the conversation: the cache still holds it, so the prefill covers only the
-    new tokens (reported as cached_tokens) and the answer is the one a cold prefill of the whole prompt gives."""
+    new tokens (reported as cached_tokens). Here the answer is the one a cold prefill gives; not in general:
+    a partial prefill moves logits in the last bits (README, Limits and guarantees)."""
     gen = cpu_engine.generator
     q1 = "What is the capital of France? Answer in one short sentence."
     first, last1, _ = run(cpu_engine, q1, max_new_tokens=32)
@@ -148,6 +149,20 @@ def test_next_turn_prefills_only_the_new_tokens(cpu_engine):
         gen.reuses_prefix = True
     assert cold_events[-1].timings.cached_tokens == 0
     assert warm == "".join(e.text for e in cold_events) and "Rome" in warm
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1, 1.3])
+def test_opting_out_of_the_cache_gives_the_same_tokens_whatever_it_holds(cpu_engine, penalty):
+    q1 = "What is the capital of France? Answer in one short sentence."
+    first, _, _ = run(cpu_engine, q1, max_new_tokens=32, repetition_penalty=penalty)
+    history = [{"role": "user", "content": q1}, {"role": "assistant", "content": first}]
+    ids = build_prompt(cpu_engine.tokenizer, "And of Italy?", history).ids
+    cold = SamplingParams(max_new_tokens=24, repetition_penalty=penalty, cache_prompt=False)
+    after_the_chat = list(cpu_engine.generate_ids(ids, cold))  # the cache held this conversation's first turn
+    run(cpu_engine, "Write a haiku about rain.", max_new_tokens=8)
+    after_another = list(cpu_engine.generate_ids(ids, cold))  # now it holds something else
+    assert after_the_chat[-1].timings.cached_tokens == after_another[-1].timings.cached_tokens == 0
+    assert [e.token_id for e in after_the_chat] == [e.token_id for e in after_another]
 
 
 def test_the_cache_is_reused_only_where_it_holds_the_prompt(cpu_engine):
