@@ -95,4 +95,5 @@ def serve(
 
     app = create_app(build_page, service, warmup, preload=not args.no_preload, build_schemes=args.build_schemes)
     log.info("q8chat on http://%s:%d/ (OpenAI-compatible API under /v1)", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # an open page keeps a connection (the tab's heartbeat stream): without a bound, SIGTERM waits on it forever
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -157,12 +158,15 @@ class ChatService:
                         f"not enough memory to load {model!r} ({scheme}): it needs about {need / GIB:.2f} GiB "
                         f"and {free / GIB:.2f} GiB are available; the previous model keeps serving"
                     )
+                log.info("loading %s on %s (%s)", model, backend, scheme)
+                started = time.monotonic()
                 try:
                     engine = cls(model, scheme)
                 except MemoryError as e:
                     raise RequestError(
                         f"not enough memory to load {model!r} ({scheme}); the previous model keeps serving"
                     ) from e
+                log.info("loaded %s on %s (%s) in %.1f s", model, backend, scheme, time.monotonic() - started)
                 replaced = self._engines.get(backend)
                 self._engines[backend], self._keys[backend] = engine, key
                 if replaced is not None:

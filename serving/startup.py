@@ -42,6 +42,7 @@ class Warmup:
         self.done = 0
         self.current: Step | None = None
         self.started_at: float | None = None
+        self.finished_at: float | None = None  # the elapsed time stops here
         self.finished = True  # nothing planned: ready
         self.failures: dict[str, str] = {}  # step label -> reason
         self.blocked: dict[tuple[str, str], int] = {}  # (backend, scheme) -> start-up steps it still waits on
@@ -50,6 +51,7 @@ class Warmup:
     def start(self, steps: list[Step]) -> threading.Thread | None:
         with self._lock:
             self.steps, self.done, self.failures, self.finished = list(steps), 0, {}, not steps
+            self.finished_at = None
             self.blocked = {}
             for s in steps:
                 if s.blocks:
@@ -81,7 +83,7 @@ class Warmup:
             with self._lock:
                 self.done += 1
         with self._lock:
-            self.current, self.finished = None, True
+            self.current, self.finished, self.finished_at = None, True, time.monotonic()
         log.info("start-up finished (%d step(s), %d failed)", len(self.steps), len(self.failures))
 
     @property
@@ -91,7 +93,8 @@ class Warmup:
     def status(self) -> dict:
         with self._lock:
             current = self.current.label if self.current else None
-            elapsed = time.monotonic() - self.started_at if self.started_at else 0.0
+            end = self.finished_at or time.monotonic()
+            elapsed = end - self.started_at if self.started_at else 0.0
             return {
                 "state": "ready" if self.finished else "loading",
                 "progress": self.percent,

@@ -85,3 +85,42 @@ def test_the_page_shows_progress_and_refuses_chats_while_loading(monkeypatch):
         loading.thread.join(timeout=30)
     banner, timer = app.startup_status()
     assert not banner["visible"] and not timer.active
+
+
+def test_sigterm_stops_the_server_with_a_tab_open():
+    """An open tab holds its heartbeat stream; the server still stops on SIGTERM (as a Space or Docker stops it)."""
+    import signal
+    import urllib.request
+
+    from tests import appserver
+
+    server = appserver.AppServer(("--no-preload",))
+    lines = []
+
+    def tab() -> None:
+        try:
+            with urllib.request.urlopen(server.url + "gradio_api/heartbeat/tab", timeout=60) as stream:  # noqa: S310
+                while line := stream.readline():
+                    lines.append(line)
+        except OSError:
+            pass
+
+    holder = threading.Thread(target=tab, daemon=True)
+    holder.start()
+    deadline = time.time() + 10
+    while not lines and time.time() < deadline:
+        time.sleep(0.1)
+    assert lines and holder.is_alive()  # the tab's stream is open
+    started = time.time()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=20)
+    assert time.time() - started < 15
+
+
+def test_start_up_time_stops_counting_when_it_is_done():
+    w = Warmup()
+    w.start([Step("quick", lambda: time.sleep(0.2), ("cpu", "bf16"))])
+    w.thread.join(timeout=30)
+    first = w.status()["elapsed_s"]
+    time.sleep(0.5)
+    assert w.status()["state"] == "ready" and w.status()["elapsed_s"] == first and 0.1 < first < 5
