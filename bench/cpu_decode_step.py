@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant.schemes import BF16, W8A8_INT8, W8A16_INT8
 
 
 def main() -> None:
@@ -34,14 +32,14 @@ def main() -> None:
     from models.registry import DEFAULT_MODEL
 
     records = []
-    for scheme in ("bf16", "w8a16-int8", "w8a8-int8"):
+    for scheme in (BF16, W8A16_INT8, W8A8_INT8):
         engine = CPUEngine(DEFAULT_MODEL, scheme, threads=args.threads)
         gen = engine.generator  # the engine's step: C++ ops, bf16 KV cache
-        if not gen.fused:
+        if not gen.cpp_step:
             print(f"{scheme}: this CPU runs no fused step (no AVX-512): nothing to compare")
             continue
-        gen32 = CPUGenerator(gen.model, gen.tokenizer, gen.eos_ids, gen.max_len, cache_dtype=torch.float32)
-        assert not gen32.fused  # float32 cache: the ATen step
+        gen32 = CPUGenerator(gen.model, gen.max_len, cache_dtype=torch.float32)
+        assert not gen32.cpp_step  # float32 cache: the ATen step
         prompt = torch.randint(100, 40000, (1, args.context), generator=torch.Generator().manual_seed(0))
         gen.prefill(prompt)
         gen32.prefill(prompt)

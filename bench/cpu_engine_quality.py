@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
+from quant.schemes import W8A8_INT8, W8A16_INT8
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
 
     import quant
     from bench.quality import cpu_name
-    from cpu_backend.engine import load_int8
+    from cpu_backend.engine import load_quantized
     from cpu_backend.threads import configure_threads
     from models.chat import load_tokenizer
     from models.registry import DEFAULT_MODEL, resolve
@@ -56,12 +56,12 @@ def main() -> None:
         "window": args.window,
         "schemes": {},
     }
-    for scheme in ("w8a16-int8", "w8a8-int8"):
+    for scheme in (W8A16_INT8, W8A8_INT8):
         t0 = time.time()
         folder = quant.build(DEFAULT_MODEL, scheme)
         candidates = {
             "reference numerics": reference_decoder(load_checkpoint(folder), torch.bfloat16),
-            "CPU engine": load_int8(folder, scheme),
+            "CPU engine": load_quantized(folder, scheme),
         }
         res["schemes"][scheme] = compare(bf16, candidates, tokens, 2, progress=False)
         print(f"{scheme}: {json.dumps(res['schemes'][scheme])} ({time.time() - t0:.0f} s)", flush=True)

@@ -25,22 +25,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results  # noqa: E402
-from cpu_backend.engine import CPUEngine, CPUGenerator, fused_step_runs, pack_bf16  # noqa: E402
-from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8  # noqa: E402
-from cpu_backend.threads import configure_threads  # noqa: E402
-from models.backend import SamplingParams  # noqa: E402
-from models.config import DecoderConfig  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
-from models.registry import DEFAULT_MODEL, cache_dir, embedded_gguf, resolve  # noqa: E402
+from bench.common import RESULTS, ROOT, cpu_info, median, versions, write_results
+from cpu_backend.engine import CPUEngine, CPUGenerator, cpp_step_runs, pack_bf16
+from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8
+from cpu_backend.threads import configure_threads
+from models.backend import SamplingParams
+from models.config import DecoderConfig
+from models.decoder import Decoder
+from models.registry import DEFAULT_MODEL, cache_dir, embedded_gguf, resolve
+from quant.schemes import BF16, W8A8_INT8, W8A16_INT8
 
 NEW_TOKENS = 128
-SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8")
+SCHEMES = (BF16, W8A16_INT8, W8A8_INT8)
 # TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4, vocab 32000, untied LM head.
 LLAMA_1B = dict(
     model_type="llama",
@@ -74,10 +74,10 @@ class Ours:
         self.engine.generator.reuses_prefix = False  # TTFT here: a cold prefill of the whole prompt, every round
 
     def round(self) -> dict:
-        *_, last = self.engine.generate(
+        *_, last = self.engine.generate_ids(
             self.prompts["p128"], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
         )
-        *_, first512 = self.engine.generate(self.prompts["p512"], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        *_, first512 = self.engine.generate_ids(self.prompts["p512"], SamplingParams(max_new_tokens=1, ignore_eos=True))
         return {
             "ttft_ms_128": last.timings.ttft_ms,
             "tpot_ms": last.timings.tpot_ms,
@@ -115,7 +115,7 @@ class Transformers:
     def __init__(self, prompts: dict) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.key, self.prompts = ("transformers", "bf16"), prompts
+        self.key, self.prompts = ("transformers", BF16), prompts
         self.model = AutoModelForCausalLM.from_pretrained(resolve(DEFAULT_MODEL), dtype=torch.bfloat16).eval()
 
     def _generate(self, prompt: list[int], n: int) -> list[float]:
@@ -221,13 +221,13 @@ def random_decoder(scheme: str) -> tuple[Decoder, int]:
 
     model.inv_freq = rope_inv_freq(cfg)
     weight_bytes = sum(model.get_submodule(n).weight.numel() for n in model.linear_names())
-    weight_bytes = weight_bytes * (2 if scheme == "bf16" else 1) + model.lm_head.weight.numel() * 2
-    if scheme == "bf16":
+    weight_bytes = weight_bytes * (2 if scheme == BF16 else 1) + model.lm_head.weight.numel() * 2
+    if scheme == BF16:
         pack_bf16(model)
         return model.eval(), weight_bytes
     for name in model.linear_names():
         q, s = quantize_weight(model.get_submodule(name).weight.float(), "int")
-        model.replace_linear(name, Int8WeightOnlyLinear(q, s) if scheme == "w8a16-int8" else Int8Linear(q, s))
+        model.replace_linear(name, Int8WeightOnlyLinear(q, s) if scheme == W8A16_INT8 else Int8Linear(q, s))
     model.fuse_projections(fuse_int8)
     model.lm_head = BF16Linear.from_linear(model.lm_head)
     return model.eval(), weight_bytes
@@ -235,8 +235,8 @@ def random_decoder(scheme: str) -> tuple[Decoder, int]:
 
 def random_model_tpot(model: Decoder, steps: int = 32, prompt: int = 128) -> float:
     """The engine's decode step (CPUGenerator: the C++ step where it runs) on ``model``, ms per token."""
-    cache_dtype = torch.bfloat16 if fused_step_runs(model) else torch.float32
-    gen = CPUGenerator(model, None, set(), prompt + steps + 1, cache_dtype=cache_dtype)
+    cache_dtype = torch.bfloat16 if cpp_step_runs(model) else torch.float32
+    gen = CPUGenerator(model, prompt + steps + 1, cache_dtype=cache_dtype)
     with torch.inference_mode():
         token = int(gen.prefill(torch.randint(0, 32000, (1, prompt))).argmax())
         start = time.perf_counter()
@@ -252,7 +252,7 @@ def kernel_log(threads: int) -> str:
         "from cpu_backend.engine import CPUEngine\n"
         "from models.backend import SamplingParams\n"
         f"e = CPUEngine('smollm2-135m', sys.argv[1], threads={threads})\n"
-        "list(e.generate(list(range(1000, 1128)), SamplingParams(max_new_tokens=2, ignore_eos=True)))\n"
+        "list(e.generate_ids(list(range(1000, 1128)), SamplingParams(max_new_tokens=2, ignore_eos=True)))\n"
     )
     lines = [
         "# oneDNN kernels per scheme (ONEDNN_VERBOSE=1: a 128-token prefill + 1 decode step)",
@@ -312,7 +312,7 @@ def main() -> None:
     ap.add_argument("--no-intel", action="store_true", help="leave out the OpenVINO and IPEX engines")
     args = ap.parse_args()
     threads = configure_threads(args.threads)
-    tokenizer_engine = CPUEngine(DEFAULT_MODEL, "bf16", threads=threads)
+    tokenizer_engine = CPUEngine(DEFAULT_MODEL, BF16, threads=threads)
     prompts = wiki_prompts(tokenizer_engine.tokenizer)
     del tokenizer_engine
     runners = [Transformers(prompts)] + [Ours(s, threads, prompts) for s in SCHEMES]
@@ -357,7 +357,7 @@ def main() -> None:
             rec[f] = median([r[f] for r in runs])
         records.append(rec)
     by = {(r["engine"], r["scheme"]): r for r in records}
-    bf16 = by[("q8chat", "bf16")]
+    bf16 = by[("q8chat", BF16)]
     for r in records:
         r["tpot_vs_our_bf16"] = r["tpot_ms"] / bf16["tpot_ms"]
         r["ttft512_vs_our_bf16"] = r["ttft_ms_512"] / bf16["ttft_ms_512"]
@@ -394,7 +394,7 @@ def main() -> None:
             del model
             release_memory()
 
-    sq, wo = by[("q8chat", "w8a8-int8")], by[("q8chat", "w8a16-int8")]
+    sq, wo = by[("q8chat", W8A8_INT8)], by[("q8chat", W8A16_INT8)]
     notes += [
         f"W8A8-SQ decode TPOT = {sq['tpot_vs_our_bf16']:.2f}x our BF16 (goal <= 0.6x); "
         f"W8A16 = {wo['tpot_vs_our_bf16']:.2f}x",
@@ -403,8 +403,8 @@ def main() -> None:
         "generate (goal <= 0.5x)",
     ]
     for runtime in ("openvino", "ipex"):
-        if (runtime, "w8a8-int8") in by:
-            peer = by[(runtime, "w8a8-int8")]
+        if (runtime, W8A8_INT8) in by:
+            peer = by[(runtime, W8A8_INT8)]
             notes.append(f"our W8A8-SQ TPOT / {runtime} W8A8-INT8 TPOT = {sq['tpot_ms'] / peer['tpot_ms']:.2f} "
                          "(goal <= 1.0)")
     if ("llama.cpp", "Q8_0") in by:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant.schemes import BF16, W8A8_INT8
 
 QUESTIONS = [
     "Tell me about the history of the bicycle in a few sentences.",
@@ -46,16 +44,17 @@ def main() -> None:
     from models.registry import DEFAULT_MODEL
 
     records = []
-    for scheme in ("bf16", "w8a8-int8"):
+    for scheme in (BF16, W8A8_INT8):
         engine = CPUEngine(DEFAULT_MODEL, scheme, threads=args.threads)
-        list(engine.generate(build_prompt(engine.tokenizer, "Hello").ids, SamplingParams(max_new_tokens=4)))  # warm-up
+        warm_up = build_prompt(engine.tokenizer, "Hello").ids
+        list(engine.generate_ids(warm_up, SamplingParams(max_new_tokens=4)))
         history: list[dict] = []
         for turn, question in enumerate(QUESTIONS[: args.turns], 1):
             ids = build_prompt(engine.tokenizer, question, history).ids
             runs = {}
             for mode in ("warm", "cold"):
                 params = SamplingParams(max_new_tokens=args.new_tokens, cache_prompt=mode == "warm")
-                events = list(engine.generate(ids, params))
+                events = list(engine.generate_ids(ids, params))
                 runs[mode] = events
             warm, cold = runs["warm"][-1].timings, runs["cold"][-1].timings
             answer = "".join(e.text for e in runs["warm"])

@@ -8,8 +8,8 @@ GPU engine as the candidate (perplexity of both, argmax agreement, KL). Inputs a
 model package and the text are (``--prepare``): checkpoint folders (``quant.build``), the eval windows and
 the prompt ids, so the device needs no tokenizer run and no data package.
 
-    python bench/gpu_embedded.py --prepare DIR             # here: writes DIR/{windows.safetensors, prompt.json}
-    python bench/gpu_embedded.py --run DIR --out OUT       # device: DIR holds windows.safetensors, prompt.json,
+    python -m bench.gpu_embedded --prepare DIR             # here: writes DIR/{windows.safetensors, prompt.json}
+    python -m bench.gpu_embedded --run DIR --out OUT       # device: DIR holds windows.safetensors, prompt.json,
                                                            # ckpt-*/
 """
 
@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from safetensors.torch import load_file, save_file
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from quant.schemes import BF16, W8A8_FP8, W8A8_INT8, W8A16_INT8
 
-SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8", "w8a8-fp8")
+SCHEMES = (BF16, W8A16_INT8, W8A8_INT8, W8A8_FP8)
 QUESTION = "What is the capital of France?"
 NEW_TOKENS = 24
 
@@ -78,7 +78,7 @@ def pack(folders: dict[str, Path], out: Path) -> int:
                     index.append({"path": "embed", "xz": True, "len": len(blobs[-1])})
                 assert raw[lo:hi] == embed, f"{f}: embedding differs"
                 raw, entry["embed_at"] = raw[:lo] + raw[hi:], lo
-                if scheme == "bf16":
+                if scheme == BF16:
                     raw, entry["xz"] = lzma.compress(raw, preset=0), True
             blobs.append(raw)
             entry["len"] = len(raw)

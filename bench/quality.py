@@ -15,15 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import cpu_info
+from quant.schemes import BF16, W8A8_FP8, W8A8_INT8, W8A16_INT8
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -73,7 +68,7 @@ def main() -> None:
     else:
         spath.unlink(missing_ok=True)  # time a cold run
         t0 = time.perf_counter()
-        quantize(QuantizeConfig(scheme="w8a8-int8", alpha="auto"), sq)
+        quantize(QuantizeConfig(scheme=W8A8_INT8, alpha="auto"), sq)
         t_quant = time.perf_counter() - t0
         evaluate_checkpoints({"w8a8-int8-auto": sq}, ec)
         t_total = time.perf_counter() - t0
@@ -91,14 +86,14 @@ def main() -> None:
     sensitive = tuple(name for _, name in sorted(ratios, reverse=True)[:2])
 
     variants = {
-        "w8a16-int8": QuantizeConfig(scheme="w8a16-int8"),
-        "w8a8-int8 naive (alpha 0)": QuantizeConfig(scheme="w8a8-int8", alpha=0.0),
-        "w8a8-int8 SmoothQuant alpha 0.5": QuantizeConfig(scheme="w8a8-int8", alpha=0.5),
-        "w8a8-int8 SmoothQuant alpha auto": None,
-        "w8a8-int8 SmoothQuant alpha 0.5 + int8 KV": QuantizeConfig(scheme="w8a8-int8", alpha=0.5, kv_cache="int8"),
-        "w8a8-fp8 (alpha 0)": QuantizeConfig(scheme="w8a8-fp8", alpha=0.0),
-        "w8a8-fp8 SmoothQuant auto": QuantizeConfig(scheme="w8a8-fp8", alpha="auto"),
-        "w8a8-fp8 alpha 0, 2 outlier linears BF16": QuantizeConfig(scheme="w8a8-fp8", alpha=0.0, keep_bf16=sensitive),
+        W8A16_INT8: QuantizeConfig(scheme=W8A16_INT8),
+        f"{W8A8_INT8} naive (alpha 0)": QuantizeConfig(scheme=W8A8_INT8, alpha=0.0),
+        f"{W8A8_INT8} SmoothQuant alpha 0.5": QuantizeConfig(scheme=W8A8_INT8, alpha=0.5),
+        f"{W8A8_INT8} SmoothQuant alpha auto": None,
+        f"{W8A8_INT8} SmoothQuant alpha 0.5 + int8 KV": QuantizeConfig(scheme=W8A8_INT8, alpha=0.5, kv_cache="int8"),
+        f"{W8A8_FP8} (alpha 0)": QuantizeConfig(scheme=W8A8_FP8, alpha=0.0),
+        f"{W8A8_FP8} SmoothQuant auto": QuantizeConfig(scheme=W8A8_FP8, alpha="auto"),
+        f"{W8A8_FP8} alpha 0, 2 outlier linears BF16": QuantizeConfig(scheme=W8A8_FP8, alpha=0.0, keep_bf16=sensitive),
     }
     folders, qtimes = {}, {}
     for i, (name, qc) in enumerate(variants.items()):
@@ -126,7 +121,7 @@ def main() -> None:
                      "kv_cache": manifest["kv_cache"], "activations": manifest.get("activations"),
                      "keep_bf16": manifest.get("keep_bf16"), "quantize_seconds": round(qtimes[name], 1), **r})
     result = {
-        "machine": {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version()},
+        "machine": {"cpu": cpu_info()["cpu"], "threads": args.threads, "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "compressed_tensors": compressed_tensors.__version__},
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
@@ -178,7 +173,7 @@ def intel_rows(windows: int, window: int, threads: int) -> list[dict]:
         if not ok:
             print(f"{runtime} skipped: {reason}", flush=True)
             continue
-        for scheme in ("bf16", "w8a16-int8", "w8a8-int8"):
+        for scheme in (BF16, W8A16_INT8, W8A8_INT8):
             engine = backend_class(runtime)(DEFAULT_MODEL, scheme, threads=threads)
             try:
                 nll, argmax = engine.score(tokens.tolist())

@@ -22,15 +22,16 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import psutil
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from models.backend import SamplingParams  # noqa: E402
-from models.registry import DEFAULT_MODEL  # noqa: E402
-from models.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches  # noqa: E402
-from serving.service import ChatService, ChatSettings  # noqa: E402
+from cpu_backend.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
+from models.backend import SamplingParams
+from models.registry import DEFAULT_MODEL
+from quant.schemes import BF16
+from serving.service import ChatService, ChatSettings
 
 MIB = 1 << 20
 MAX_GROWTH_PCT = 5.0
@@ -57,14 +58,8 @@ QUESTIONS = [
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process now (/proc/self/statm; psutil where there is no /proc)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return psutil.Process().memory_info().rss
+    """Resident set size of this process now."""
+    return psutil.Process().memory_info().rss
 
 
 def make_service(max_context: int, threads: int | None, kernel_cache: int = KERNEL_CACHE_CAPACITY) -> ChatService:
@@ -74,9 +69,9 @@ def make_service(max_context: int, threads: int | None, kernel_cache: int = KERN
     if kernel_cache:  # what ChatService.engine() does before building an engine (0: the libraries' default)
         bound_kernel_caches(kernel_cache)
     service = ChatService()
-    engine = CPUEngine(DEFAULT_MODEL, "bf16", threads=threads, max_context=max_context)
+    engine = CPUEngine(DEFAULT_MODEL, BF16, threads=threads, max_context=max_context)
     # ChatService.engine() builds engines with the default context; put the short-context one in its place.
-    service._engines["cpu"], service._keys["cpu"] = engine, (DEFAULT_MODEL, "bf16")
+    service._engines["cpu"], service._keys["cpu"] = engine, (DEFAULT_MODEL, BF16)
     return service
 
 
@@ -93,8 +88,8 @@ def run_soak(
     if not 1 <= warmup < turns:
         raise ValueError(f"warm-up ({warmup}) must be at least 1 and below the number of turns ({turns})")
     service = make_service(max_context, threads, kernel_cache)
-    settings = ChatSettings("cpu", DEFAULT_MODEL, "bf16", "", SamplingParams(max_new_tokens=max_new_tokens))
-    budget = service.engine("cpu", DEFAULT_MODEL, "bf16").context_length - max_new_tokens
+    settings = ChatSettings("cpu", DEFAULT_MODEL, BF16, "", SamplingParams(max_new_tokens=max_new_tokens))
+    budget = service.engine("cpu", DEFAULT_MODEL, BF16).context_length - max_new_tokens
     history: list[dict[str, str]] = []
     records = []
     start = time.perf_counter()
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "versions": versions("torch", "transformers"),
         "model": DEFAULT_MODEL,
-        "scheme": "bf16",
+        "scheme": BF16,
         "settings": {k: getattr(args, k) for k in ("turns", "warmup", "max_context", "max_new_tokens", "kernel_cache")},
         "kernel_cache_env": {name: os.environ.get(name) for name in CACHE_VARIABLES},
         "wall_s": round(result["wall_s"], 1),

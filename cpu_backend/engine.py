@@ -7,67 +7,86 @@ from pathlib import Path
 import torch
 
 from cpu_backend import kernels
-from cpu_backend.linear import BF16Linear, Int8Linear, Int8WeightOnlyLinear, fuse_int8
+from cpu_backend.linear import LINEAR_METHODS, BF16Linear, fuse_int8
 from cpu_backend.threads import configure_threads
 from models.backend import RequestError
 from models.chat import load_tokenizer
-from models.decoder import Decoder
+from models.decoder import Decoder, layer_prefix
 from models.generate import Generator, GeneratorBackend
 from models.registry import resolve
-from models.weights import load_decoder
+from models.weights import load_decoder, parameter_count
+from quant.schemes import DEFAULT_SCHEME, REGISTRY, SchemeError, get_scheme
 
-CPU_SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8")
-NOT_ON_CPU = {"w8a8-fp8": "FP8 has no CPU kernels here; it runs on the GPU backend"}
 MAX_CONTEXT = 8192
 
 
 class CPUEngine(GeneratorBackend):
     name = "cpu"
-    SCHEMES = CPU_SCHEMES
 
     def __init__(
         self,
         model: str,
-        scheme: str = "bf16",
+        scheme: str = DEFAULT_SCHEME,
         threads: int | None = None,
         max_context: int = MAX_CONTEXT,
         checkpoint: str | Path | None = None,
     ) -> None:
         """``checkpoint``: a built quantized checkpoint folder; by default ``quant.build`` makes or reuses one."""
-        if scheme in NOT_ON_CPU:
-            raise RequestError(f"scheme {scheme!r} is not available on CPU: {NOT_ON_CPU[scheme]}")
-        if scheme not in CPU_SCHEMES:
-            raise RequestError(f"scheme {scheme!r} is not available on CPU; choose one of {', '.join(CPU_SCHEMES)}")
+        check_scheme(scheme)
+        super().__init__(scheme)
         self.threads = configure_threads(threads)
-        self.model_spec, self._scheme = model, scheme
-        if scheme == "bf16":
+        self.model_spec = model
+        if not get_scheme(scheme).quantizes_weights:
             folder = resolve(model)
             decoder = load_decoder(folder, dtype=torch.bfloat16)
             pack_bf16(decoder)
         else:
             folder = Path(checkpoint) if checkpoint else build_checkpoint(model, scheme)
-            decoder = load_int8(folder, scheme)
+            decoder = load_quantized(folder, scheme)
         self.tokenizer = load_tokenizer(folder)
-        eos = set(decoder.config.eos_token_ids)
+        self.eos_ids = set(decoder.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        max_len = min(decoder.config.max_position_embeddings, max_context)
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._context = min(decoder.config.max_position_embeddings, max_context)
         # KV cache: bf16 for the C++ decode step, which reads it as float32 (the cache holds bf16 values either
         # way: half the bytes, the same arithmetic); float32 for the ATen step, whose attention matmuls run
         # faster in float32 than in BF16 at decode shapes
-        cache_dtype = torch.bfloat16 if fused_step_runs(decoder) else torch.float32
-        self.generator = CPUGenerator(decoder, self.tokenizer, eos, max_len, cache_dtype=cache_dtype)
+        cache_dtype = torch.bfloat16 if cpp_step_runs(decoder) else torch.float32
+        self.generator = CPUGenerator(decoder, self._context, cache_dtype=cache_dtype)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return True, ""
+
+    @classmethod
+    def supported_schemes(cls) -> tuple[str, ...]:
+        """Every scheme whose formats have a CPU linear method (each one runs on any x86-64; AVX-512 VNNI/BF16
+        and AMX make them fast, see cpu_backend.kernels)."""
+        return tuple(s.name for s in REGISTRY.values() if s.formats in LINEAR_METHODS)
+
+    @classmethod
+    def load_bytes(cls, model: str, scheme: str) -> int:
+        """The weights at the bytes the CPU linear methods hold per weight (some keep a prefill copy too)."""
+        check_scheme(scheme)
+        return parameter_count(resolve(model)) * LINEAR_METHODS[get_scheme(scheme).formats].bytes_per_weight
+
+
+def check_scheme(scheme: str) -> None:
+    try:
+        formats = get_scheme(scheme).formats
+    except SchemeError as e:
+        raise RequestError(str(e)) from None
+    if formats not in LINEAR_METHODS:
+        why = "FP8 has no CPU kernels here; it runs on the GPU backend" if "float" in formats else "no CPU kernels"
+        choices = ", ".join(CPUEngine.supported_schemes())
+        raise RequestError(f"scheme {scheme!r} is not available on CPU ({why}); choose one of {choices}")
 
 
 class CPUGenerator(Generator):
     """The shared Generator with a lean decode step: the decoder's own ops for one token, minus the Python glue.
 
     2-D activations, per-layer cache views made once, no module hooks; where the CPU has AVX-512, the ops between
-    the GEMVs are C++ calls (``_decode_fused``: residual add + RMSNorm, RoPE + cache write + attention, silu * up;
+    the GEMVs are C++ calls (``_decode_cpp``: residual add + RMSNorm, RoPE + cache write + attention, silu * up;
     the decoder's elementwise rounding bit for bit, but sums in their own order and our exp, so logits stay
     within a few bf16 steps of the decoder's). Elsewhere the decoder's math in ATen ops, bit-exact with
     ``Decoder.forward`` at T=1 (``rotate_half(x) * sin`` equals ``roll(x) * [-sin_lo, sin_hi]`` bit for bit).
@@ -77,20 +96,22 @@ class CPUGenerator(Generator):
     def __init__(self, model: Decoder, *args, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
         layers = model.model.layers
-        self.lean = all(layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None for layer in layers)
+        self.projections_fused = all(
+            ly.self_attn.qkv_proj is not None and ly.mlp.gate_up_proj is not None for ly in layers
+        )
         cfg = model.config
         self.k_views = [self.cache.k[i, 0] for i in range(cfg.num_layers)]  # [kv_heads, max_len, head_dim]
         self.v_views = [self.cache.v[i, 0] for i in range(cfg.num_layers)]
         self.plan = None  # the C++ decode step (made on first use)
-        self.fused = fused_step_runs(model) and self.cache.k.dtype == torch.bfloat16
+        self.cpp_step = cpp_step_runs(model) and self.cache.k.dtype == torch.bfloat16
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        if not (self.lean and self.fused and ids.shape[0] == 1):
+        if not (self.projections_fused and self.cpp_step and ids.shape[0] == 1):
             return super().prefill(ids, start)
-        return self._prefill_fused(ids[0], start)
+        return self._prefill_cpp(ids[0], start)
 
-    def _prefill_fused(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def _prefill_cpp(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """The decoder's prefill with csrc/decode.cpp's row ops between the GEMMs (residual add + RMSNorm, RoPE +
         cache write, silu * up: one pass each instead of ~25 ATen ops per layer) and the decoder's own attention
         (SDPA over the cache). Elementwise rounding as the decoder's; the norm's sums in their own order."""
@@ -123,7 +144,7 @@ class CPUGenerator(Generator):
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
-        if not self.lean:
+        if not self.projections_fused:
             return super().decode(token, pos)
         model, cfg = self.model, self.model.config
         if pos + 1 > self.cache.max_len:
@@ -132,8 +153,8 @@ class CPUGenerator(Generator):
         x = model.model.embed_tokens.weight[token : token + 1]  # [1, hidden]
         cos, sin = model.rope(pos, 1, x.dtype)  # [1, d]
         sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), -1)
-        if self.fused:
-            return self._decode_fused(x, cos, sin, pos)
+        if self.cpp_step:
+            return self._decode_cpp(x, cos, sin, pos)
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = attn.qkv_proj(layer.input_layernorm.forward(x))
@@ -142,7 +163,7 @@ class CPUGenerator(Generator):
             x = x + mlp.down_proj(torch.nn.functional.silu(gate) * up)
         return model.lm_head(model.model.norm.forward(x)).float()[0]
 
-    def _decode_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+    def _decode_cpp(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
         """The whole step as one C++ call (csrc/decode.cpp's DecodePlan, built on first use): per layer residual
         add + RMSNorm, the linears' own GEMVs, RoPE + cache write + attention, silu * up; then the LM head."""
         if self.plan is None:
@@ -165,7 +186,7 @@ class CPUGenerator(Generator):
         return torch.matmul(probs, v).to(qkv.dtype).view(1, q_out)
 
 
-def fused_step_runs(model: Decoder) -> bool:
+def cpp_step_runs(model: Decoder) -> bool:
     """Whether the C++ decode step (csrc/decode.cpp: DecodePlan) runs ``model`` on this CPU: AVX-512, head_dim 64 or
     128, bf16 norms, fused q/k/v and gate/up, and a one-row kernel for every linear and the LM head."""
     layers = model.model.layers
@@ -210,13 +231,13 @@ def pack_bf16(decoder: Decoder) -> None:
     decoder.fuse_projections(BF16Linear.fused)
     for name in ("self_attn.o_proj", "mlp.down_proj"):
         for i in range(decoder.config.num_layers):
-            full = f"model.layers.{i}.{name}"
+            full = layer_prefix(i) + name
             decoder.replace_linear(full, BF16Linear.from_linear(decoder.get_submodule(full)))
     decoder.lm_head = BF16Linear.from_linear(decoder.lm_head, prefill_copy=False)
 
 
-def load_int8(folder: Path, scheme: str) -> Decoder:
-    """A quantized checkpoint on our INT8 kernels; linears the quantizer kept in BF16 stay BF16."""
+def load_quantized(folder: Path, scheme: str) -> Decoder:
+    """A quantized checkpoint on the CPU linear method of its scheme; linears the quantizer kept in BF16 stay BF16."""
     from quant.checkpoint import load_checkpoint
     from quant.reference import reference_decoder
 
@@ -226,15 +247,14 @@ def load_int8(folder: Path, scheme: str) -> Decoder:
     if ckpt.scheme.kv_cache != "none":
         raise RequestError(f"{folder}: a quantized KV cache ({ckpt.scheme.kv_cache}) is not supported on CPU yet")
     decoder = reference_decoder(ckpt, dtype=torch.bfloat16)  # embeddings, norms, LM head; linears replaced below
+    method = LINEAR_METHODS[ckpt.scheme.formats]
     for name in decoder.linear_names():
         weight, weight_scale, input_scale = ckpt.linear(name)
         bias = ckpt.tensors.get(f"{name}.bias")
         if weight_scale is None:
             module = BF16Linear(weight, bias)
-        elif scheme == "w8a16-int8":
-            module = Int8WeightOnlyLinear(weight, weight_scale, bias)
         else:
-            module = Int8Linear(weight, weight_scale, input_scale, bias)
+            module = method.create(weight, weight_scale, input_scale, bias)
         decoder.replace_linear(name, module)
     decoder.fuse_projections(fuse_int8)
     decoder.lm_head = BF16Linear.from_linear(decoder.lm_head, prefill_copy=False)

@@ -14,18 +14,21 @@ import hashlib
 import json
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from models.backend import Backend, RequestError, SamplingParams, Timings, TokenEvent
+from models.backend import RequestError, SamplingParams
 from models.chat import load_tokenizer
 from models.config import DecoderConfig
-from models.generate import TextStream
+from models.generate import LocalBackend
 from models.registry import cache_dir, resolve
+from models.weights import parameter_count
+from quant.schemes import DEFAULT_SCHEME, REGISTRY, SchemeError, get_scheme
 
 ROOT = Path(__file__).resolve().parent.parent
-INTEL_SCHEMES = ("bf16", "w8a16-int8", "w8a8-int8")
+# the worker's recipe for each scheme format it runs (quant.schemes.Scheme.formats); static-int8 runs
+# quant.export's smoothed model with static activation scales calibrated on the shared calibration ids
+RECIPES = {(None, None): "float", ("int", None): "weight-int8", ("int", "int"): "static-int8"}
 MAX_CONTEXT = 8192
 LOAD_TIMEOUT_S = 1800  # first W8A8 load = export + calibration + conversion
 TOKEN_TIMEOUT_S = 300  # no token for this long: the worker is stuck
@@ -48,27 +51,25 @@ def _stop_workers() -> None:
         engine.close()
 
 
-class IntelWorkerEngine(Backend):
+class IntelWorkerEngine(LocalBackend):
     runtime: str  # the venv suffix and the worker's --runtime
-    SCHEMES = INTEL_SCHEMES
 
-    def __init__(self, model: str, scheme: str = "bf16", threads: int | None = None,
+    def __init__(self, model: str, scheme: str = DEFAULT_SCHEME, threads: int | None = None,
                  calibration_samples: int = 32) -> None:
-        if scheme not in INTEL_SCHEMES:
-            raise RequestError(f"scheme {scheme!r} is not available on {self.name}; choose one of "
-                               f"{', '.join(INTEL_SCHEMES)}")
+        recipe = self.recipe(scheme)
         ok, reason = self.availability()
         if not ok:
             raise RequestError(f"the {self.name} engine is not available: {reason}")
         from cpu_backend.threads import physical_cores
 
-        self.model_spec, self._scheme = model, scheme
+        super().__init__(scheme)
+        self.model_spec = model
         source = resolve(model)
         self.tokenizer = load_tokenizer(source)
         cfg = DecoderConfig.from_file(source / "config.json")
-        self.eos = set(cfg.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        self.eos_ids = set(cfg.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self._context = min(cfg.max_position_embeddings, MAX_CONTEXT)
-        if scheme == "w8a8-int8":
+        if recipe == "static-int8":
             from quant.export import export_smoothed
 
             folder = export_smoothed(model)
@@ -80,9 +81,8 @@ class IntelWorkerEngine(Backend):
         self.work.mkdir(parents=True, exist_ok=True)
         self.log_path = self.work / f"worker-{scheme}.log"
         self.command = [str(self.python()), "-m", "cpu_backend.intel_worker", "--runtime", self.runtime,
-                        "--scheme", scheme, "--folder", str(folder), "--work", str(self.work),
+                        "--recipe", recipe, "--folder", str(folder), "--work", str(self.work),
                         "--threads", str(self.threads), "--calibration-samples", str(calibration_samples)]
-        self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
         self._start()
@@ -98,6 +98,26 @@ class IntelWorkerEngine(Backend):
         if not cls.python().is_file():
             return False, f"its environment is not built: run `make venv-{cls.runtime}`"
         return True, ""
+
+    @classmethod
+    def supported_schemes(cls) -> tuple[str, ...]:
+        return tuple(s.name for s in REGISTRY.values() if s.formats in RECIPES) if cls.availability()[0] else ()
+
+    @classmethod
+    def recipe(cls, scheme: str) -> str:
+        try:
+            formats = get_scheme(scheme).formats
+        except SchemeError as e:
+            raise RequestError(str(e)) from None
+        if formats not in RECIPES:
+            choices = ", ".join(s.name for s in REGISTRY.values() if s.formats in RECIPES)
+            raise RequestError(f"scheme {scheme!r} is not available on {cls.name}; choose one of {choices}")
+        return RECIPES[formats]
+
+    @classmethod
+    def load_bytes(cls, model: str, scheme: str) -> int:
+        """The worker's converted model: BF16 weights, or one byte per INT8 weight."""
+        return parameter_count(resolve(model)) * (2 if cls.recipe(scheme) == "float" else 1)
 
     def _start(self) -> None:
         with _workers_lock:
@@ -164,64 +184,31 @@ class IntelWorkerEngine(Backend):
             proc.kill()
             proc.wait()
 
-    # --- Backend ---
+    # --- LocalBackend ---
 
-    @property
-    def scheme(self) -> str:
-        return self._scheme
-
-    @property
-    def context_length(self) -> int:
-        return self._context
-
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-        params.validate()
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        if len(prompt_ids) >= self._context:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self._context}")
-        budget = min(params.max_new_tokens, self._context - len(prompt_ids))
-        with self.lock:
-            yield from self._run(prompt_ids, params, budget, cancel)
-
-    def _run(self, prompt_ids, params: SamplingParams, budget: int, cancel) -> Iterator[TokenEvent]:
+    def start(self, prompt_ids: list[int], params: SamplingParams, budget: int) -> tuple[int, Iterator[int]]:
         self._alive()
-        timings = Timings(prompt_tokens=len(prompt_ids))
-        stream = TextStream(self.tokenizer)
-        start = time.perf_counter()
-        first = last = start
-        self._send(op="generate", ids=list(prompt_ids), eos=sorted(self.eos), max_new_tokens=budget,
+        self._send(op="generate", ids=list(prompt_ids), eos=sorted(self.eos_ids), max_new_tokens=budget,
                    temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p, top_k=params.top_k,
                    repetition_penalty=params.repetition_penalty, seed=params.seed, ignore_eos=params.ignore_eos)
-        cancel_sent = False
+        return 0, self._tokens()
+
+    def _tokens(self) -> Iterator[int]:
+        done = False
         try:
             while True:
-                if cancel is not None and cancel.is_set() and not cancel_sent:
-                    self._send(op="cancel")
-                    cancel_sent = True
                 message = self._read(TOKEN_TIMEOUT_S, "generating")
                 if "token" in message:
-                    last = time.perf_counter()
-                    if timings.generated_tokens == 0:
-                        first = last
-                        timings.ttft_ms = (first - start) * 1000
-                    timings.generated_tokens += 1
-                    if message["token"] not in self.eos or params.ignore_eos:
-                        yield TokenEvent(stream.push(message["token"]), message["token"])
+                    yield message["token"]
                     continue
                 if "error" in message:
                     raise WorkerError(f"the {self.name} engine failed: {message['error']}")
-                reason = message["done"]
-                break
-        except GeneratorExit:  # the consumer went away mid-stream: stop the worker's generation, drain it
-            self._send(op="cancel")
-            self._drain()
-            raise
-        n = timings.generated_tokens
-        timings.tpot_ms = (last - first) * 1000 / (n - 1) if n > 1 else 0.0
-        timings.total_ms = (time.perf_counter() - start) * 1000
-        yield TokenEvent(stream.flush(), None, finished=True, finish_reason=reason, timings=timings)
+                done = True
+                return
+        finally:  # closed mid-stream (EOS seen, cancelled, consumer gone): stop the worker's generation, drain it
+            if not done and self.proc is not None:
+                self._send(op="cancel")
+                self._drain()
 
     def _drain(self) -> None:
         while True:

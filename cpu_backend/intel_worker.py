@@ -1,6 +1,6 @@
 """Worker process for the Intel engines: runs inside `.venv-ipex` or `.venv-openvino`, never in the app's venv.
 
-    python -m cpu_backend.intel_worker --runtime ipex|openvino --scheme S --folder DIR --work DIR [--threads N]
+    python -m cpu_backend.intel_worker --runtime ipex|openvino --recipe R --folder DIR --work DIR [--threads N]
 
 It loads and quantizes the model for its runtime, then speaks JSON lines: stdin gets requests, stdout answers.
     -> {"ready": {...}} | {"error": "..."}                    once, after loading
@@ -26,6 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
+RECIPES = ("float", "weight-int8", "static-int8")  # chosen by cpu_backend.intel from the scheme's formats
 CALIBRATION_FILE = "calibration.safetensors"  # written by quant.export (the shared pipeline's calibration ids)
 
 
@@ -72,21 +73,21 @@ def load_hf(folder: Path, dtype):
 
 # --- IPEX (legacy) -------------------------------------------------------------------------------------------
 
-def load_ipex(scheme: str, folder: Path, work: Path, samples: int):
+def load_ipex(recipe: str, folder: Path, work: Path, samples: int):
     import intel_extension_for_pytorch as ipex
     import torch
 
-    if scheme == "bf16":
+    if recipe == "float":
         return ipex.llm.optimize(load_hf(folder, torch.bfloat16), dtype=torch.bfloat16, inplace=True,
                                  deployment_mode=True), {}
-    if scheme == "w8a16-int8":
+    if recipe == "weight-int8":
         from intel_extension_for_pytorch.quantization import WoqLowpMode, WoqWeightDtype
 
         qconfig = ipex.quantization.get_weight_only_quant_qconfig_mapping(
             weight_dtype=WoqWeightDtype.INT8, lowp_mode=WoqLowpMode.BF16)
         return ipex.llm.optimize(load_hf(folder, torch.bfloat16), dtype=torch.bfloat16,
                                  quantization_config=qconfig, inplace=True, deployment_mode=True), {}
-    # w8a8-int8: `folder` already has our SmoothQuant folded in, so IPEX runs its plain static INT8 recipe
+    # static-int8: `folder` already has our SmoothQuant folded in, so IPEX runs its plain static INT8 recipe
     # (per-tensor u8 activations with histogram-calibrated ranges, per-channel s8 weights) on our calibration
     # ids: no second smoothing.
     qconfig = ipex.quantization.default_static_qconfig_mapping
@@ -138,17 +139,17 @@ def keep_float(summary: Path, fqn: str) -> None:
 
 # --- OpenVINO through optimum-intel ---------------------------------------------------------------------------
 
-def load_openvino(scheme: str, folder: Path, work: Path, samples: int):
+def load_openvino(recipe: str, folder: Path, work: Path, samples: int):
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
     ov_config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": ""}
-    ir = work / f"openvino-{scheme}" if scheme != "w8a8-int8" else work / f"openvino-{scheme}-{samples}"
+    ir = work / f"openvino-{recipe}" if recipe != "static-int8" else work / f"openvino-{recipe}-{samples}"
     info = {"ir": str(ir)}
     if not (ir / "openvino_model.xml").is_file():
         t0 = time.perf_counter()
-        if scheme == "bf16":
+        if recipe == "float":
             model = OVModelForCausalLM.from_pretrained(folder, export=True, load_in_8bit=False, compile=False)
-        elif scheme == "w8a16-int8":
+        elif recipe == "weight-int8":
             model = OVModelForCausalLM.from_pretrained(
                 folder, export=True, compile=False,
                 quantization_config=OVWeightQuantizationConfig(bits=8))  # per-channel asymmetric, OV default
@@ -288,8 +289,9 @@ def warm_up(model) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", choices=("ipex", "openvino"), required=True)
-    ap.add_argument("--scheme", choices=("bf16", "w8a16-int8", "w8a8-int8"), required=True)
-    ap.add_argument("--folder", required=True, help="HF model folder (for w8a8-int8: quant.export's smoothed one)")
+    ap.add_argument("--recipe", choices=RECIPES, required=True,
+                    help="float (BF16), weight-int8 (INT8 weights), static-int8 (INT8 weights and activations)")
+    ap.add_argument("--folder", required=True, help="HF model folder (for static-int8: quant.export's smoothed one)")
     ap.add_argument("--work", required=True, help="folder for this runtime's converted model / calibration summary")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--calibration-samples", type=int, default=32)
@@ -304,7 +306,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         load = load_ipex if args.runtime == "ipex" else load_openvino
-        model, info = load(args.scheme, Path(args.folder), work, args.calibration_samples)
+        model, info = load(args.recipe, Path(args.folder), work, args.calibration_samples)
         t1 = time.perf_counter()
         warm_up(model)
         info["warm_up_seconds"] = round(time.perf_counter() - t1, 1)

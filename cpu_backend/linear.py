@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -230,3 +233,22 @@ def fuse_int8(linears: list[nn.Module]) -> nn.Module | None:
     if len(scales) != 1:  # static scales that differ cannot share one activation quantization
         return None
     return cls(weight, scale, linears[0].input_scale, bias)
+
+
+@dataclass(frozen=True)
+class LinearMethod:
+    """How the CPU runs one scheme's linears: the module made from a checkpoint linear, and the bytes of memory
+    it holds per weight (for the load-time memory check)."""
+
+    create: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], nn.Module]
+    bytes_per_weight: int
+
+
+# keyed by quant.schemes.Scheme.formats (weight type, activation type)
+LINEAR_METHODS: dict[tuple[str | None, str | None], LinearMethod] = {
+    # the decode GEMV's plain weight + oneDNN's blocked prefill copy, in BF16
+    (None, None): LinearMethod(lambda w, ws, xs, b: BF16Linear(w, b), 4),
+    ("int", None): LinearMethod(lambda w, ws, xs, b: Int8WeightOnlyLinear(w, ws, b), 1),
+    # the GEMV's VNNI layout + oneDNN's prefill copy, in INT8
+    ("int", "int"): LinearMethod(lambda w, ws, xs, b: Int8Linear(w, ws, xs, b), 2),
+}

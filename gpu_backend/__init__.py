@@ -6,12 +6,13 @@ Importing this package does not import Triton or touch CUDA; ``supported_schemes
 
 from __future__ import annotations
 
-# compute capability (major, minor) floor -> schemes. sm89/sm90 have FP8 tensor cores; sm80 has INT8.
-GPU_SCHEMES_BY_CAPABILITY: dict[tuple[int, int], tuple[str, ...]] = {
-    (8, 9): ("bf16", "w8a16-int8", "w8a16-fp8", "w8a8-int8", "w8a8-fp8"),
-    (8, 0): ("bf16", "w8a16-int8", "w8a8-int8"),
-}
-KV_CACHE_OPTIONS = ("bf16", "fp8", "int8")
+from quant.schemes import REGISTRY
+
+# The formats (quant.schemes.Scheme.formats) our GPU linears run: BF16, weight-only 8-bit, and 8-bit products.
+LINEAR_FORMATS = {(None, None), ("int", None), ("float", None), ("int", "int"), ("float", "float")}
+MIN_CAPABILITY = (8, 0)  # A100: BF16 and INT8 tensor cores
+FP8_CAPABILITY = (8, 9)  # L40S, H100, H200: FP8 tensor cores
+KV_CACHES = ("bf16", "fp8", "int8")  # the GPU's KV-cache element types
 
 
 def _capability() -> tuple[int, int] | None:
@@ -23,22 +24,24 @@ def _capability() -> tuple[int, int] | None:
 
 
 def schemes_for(capability: tuple[int, int] | None) -> tuple[str, ...]:
-    if capability is None:
+    """The registry's schemes a GPU of this compute capability runs (FP8 needs sm89+)."""
+    if capability is None or capability < MIN_CAPABILITY:
         return ()
-    for floor, schemes in GPU_SCHEMES_BY_CAPABILITY.items():  # highest floor first
-        if capability >= floor:
-            return schemes
-    return ()
+    return tuple(
+        s.name
+        for s in REGISTRY.values()
+        if s.formats in LINEAR_FORMATS and (capability >= FP8_CAPABILITY or not s.needs_fp8)
+    )
 
 
 def kv_options_for(capability: tuple[int, int] | None) -> tuple[str, ...]:
-    if capability is None:
+    if capability is None or capability < MIN_CAPABILITY:
         return ()
-    return KV_CACHE_OPTIONS if capability >= (8, 9) else ("bf16", "int8")
+    return KV_CACHES if capability >= FP8_CAPABILITY else tuple(k for k in KV_CACHES if k != "fp8")
 
 
 def supported_schemes() -> tuple[str, ...]:
-    """Schemes this machine's GPU can run ('' tuple without a usable GPU)."""
+    """Schemes this machine's GPU can run (empty without a usable GPU)."""
     ok, _ = availability()
     return schemes_for(_capability()) if ok else ()
 

@@ -4,23 +4,54 @@ graph per decode batch size.
 It runs the weights of ``models.decoder.Decoder`` (same names, same math) but owns its forward: the
 attention reads a fixed-shape cache at positions held in device tensors, so a captured decode step is
 valid for every position. q|k|v and gate|up are fused into one GEMM each (per-channel weight scales
-concatenate exactly).
+concatenate exactly). With 8-bit weights the elementwise steps between the decode GEMMs live inside
+the kernels around them: the attention merge accumulates the o projection's input amax and the o GEMM
+quantizes on load; the gate_up GEMM (rows interleaved gate/up) writes silu(gate) * up and its amax, and
+the down GEMM quantizes on load (``GPUDecoder.fuse``, opt-in: Q8CHAT_GPU_FUSE).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from gpu_backend.kernels.act_quant import norm_quant, silu_mul_quant
-from gpu_backend.kernels.attention import decode_attention, decode_workspace, rope_and_cache
-from gpu_backend.kernels.gemm import gemm, w8a8
+from gpu_backend.kernels.attention import decode_attention, decode_splits, decode_workspace, rope_and_cache
+from gpu_backend.kernels.gemm import SMALL_M, Fusion, gemm, w8a8
 from models.config import DecoderConfig
 from models.decoder import rope_inv_freq
 
 FP8 = torch.float8_e4m3fn
+FUSIBLE = ("oquant", "silu")
+
+
+def _env_fuse() -> tuple[str, ...]:
+    """Q8CHAT_GPU_FUSE: the steps fused into the GEMMs ("oquant,silu", "all"; default none). Opt-in until a
+    device run has timed them against the separate kernels (bench/gpu_latency.py captures both)."""
+    raw = os.environ.get("Q8CHAT_GPU_FUSE", "").strip().lower()
+    if raw == "all":
+        return FUSIBLE
+    steps = tuple(x.strip() for x in raw.split(",") if x.strip())
+    bad = [x for x in steps if x not in FUSIBLE]
+    if bad:
+        raise ValueError(f"Q8CHAT_GPU_FUSE: unknown steps {bad}; choose from {', '.join(FUSIBLE)} or 'all'")
+    return steps
+
+
+def _env_splits() -> int | None:
+    """Q8CHAT_GPU_ATTN_SPLITS: decode-attention key slices, a power of 2, or "auto" (per batch size); default 16
+    (the measured setting; "auto" is opt-in until timed)."""
+    raw = os.environ.get("Q8CHAT_GPU_ATTN_SPLITS", "16").strip().lower()
+    if raw == "auto":
+        return None
+    if not raw.isdigit() or int(raw) < 1 or int(raw) & (int(raw) - 1):
+        raise ValueError(f"Q8CHAT_GPU_ATTN_SPLITS={raw!r}: use a power of 2 (1 ... 64) or 'auto'")
+    return int(raw)
+
+
 # prompt lengths a batch-1 prefill graph is captured for (a prompt runs in the smallest that holds it: at most
 # 1.5x the work of its own length past 256 tokens)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -35,13 +66,46 @@ class Linear:
     input_scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     act_dtype: torch.dtype | None = None  # int8/fp8 for W8A8; None: bf16 activations
+    interleaved: bool = False  # gate_up rows as gate_0 up_0 gate_1 up_1 ... (see ``interleave_halves``)
 
-    def __call__(self, a: torch.Tensor, a_scale: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, a_scale: torch.Tensor | None, amax: torch.Tensor | None = None) -> torch.Tensor:
+        """a: quantized with ``a_scale``, or bf16 (a_scale None) for a W8A8 linear to quantize itself: on load
+        inside our GEMM at decode sizes when the row ``amax`` (from the producer) or a static scale is known,
+        else by a quantization kernel first."""
         if self.scale is None:
             return F.linear(a, self.weight, self.bias)
         if self.act_dtype is None:
             return gemm(a, None, self.weight, self.scale, self.bias)
+        if a_scale is None:
+            static = self.input_scale is not None
+            if a.shape[0] <= SMALL_M and (amax is not None or static):
+                fusion = Fusion(self.act_dtype, self.input_scale if static else amax, static)
+                return gemm(a, None, self.weight, self.scale, self.bias, fusion=fusion)
+            a, a_scale = norm_quant(a, None, qdtype=self.act_dtype, static_scale=self.input_scale)
         return w8a8(a, a_scale, self.weight, self.scale, self.bias)
+
+    def silu(
+        self, a: torch.Tensor, a_scale: torch.Tensor | None, amax_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An interleaved gate_up: silu(gate) * up in bf16 [M, N/2] and its row amax (None where the GEMM was
+        cuBLAS, FP8 prefill: then a separate kernel pairs the columns and the consumer quantizes itself)."""
+        assert self.interleaved and self.scale is not None
+        if self.act_dtype is None:
+            a_scale = None  # weight-only: the norm kernel's bf16 output carries no scale
+        if self.act_dtype == FP8 and a.shape[0] > SMALL_M and a.is_cuda:
+            m, _ = silu_mul_quant(w8a8(a, a_scale, self.weight, self.scale, self.bias), None, interleaved=True)
+            return m, None
+        fusion = Fusion(silu=True, amax_out=amax_out)
+        return gemm(a, a_scale, self.weight, self.scale, self.bias, fusion=fusion), amax_out
+
+    def interleave_halves(self) -> Linear:
+        """gate|up rows reordered gate_0 up_0 gate_1 up_1 ..., so that a GEMM tile holds both factors of each
+        output of silu(gate) * up (its epilogue computes it)."""
+
+        def mix(t):
+            return None if t is None else torch.stack(t.chunk(2, dim=0), dim=1).flatten(0, 1).contiguous()
+
+        return Linear(mix(self.weight), mix(self.scale), self.input_scale, mix(self.bias), self.act_dtype, True)
 
     @property
     def nbytes(self) -> int:
@@ -65,10 +129,10 @@ class Linear:
         return all(p.input_scale is not None and torch.equal(p.input_scale, p0.input_scale) for p in parts)
 
     @staticmethod
-    def fuse(parts: list[Linear]) -> Linear | Split:
-        """One GEMM when ``fusible`` (per-channel weight scales concatenate exactly), else a ``Split``."""
+    def fuse(parts: list[Linear]) -> Linear | UnfusedLinears:
+        """One GEMM when ``fusible`` (per-channel weight scales concatenate exactly), else ``UnfusedLinears``."""
         if not Linear.fusible(parts):
-            return Split(parts)
+            return UnfusedLinears(parts)
 
         def cat(xs):
             return None if xs[0] is None else torch.cat(xs)
@@ -82,9 +146,10 @@ class Linear:
         )
 
 
-class Split:
+class UnfusedLinears:
     """Projections that read one input but cannot share a GEMM (e.g. some kept in BF16 by the quantizer, or
-    different static input scales): each quantizes the BF16 input its own way; outputs are concatenated."""
+    different static input scales): one GEMM each, each quantizing the BF16 input its own way; their outputs
+    are concatenated (the q|k|v or gate|up a fused Linear would return)."""
 
     act_dtype = None  # the caller hands over the BF16 (normed) input
     input_scale = None
@@ -92,7 +157,7 @@ class Split:
     def __init__(self, parts: list[Linear]) -> None:
         self.parts = parts
 
-    def __call__(self, a: torch.Tensor, a_scale: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, a_scale: torch.Tensor | None, amax: torch.Tensor | None = None) -> torch.Tensor:
         outs = []
         for p in self.parts:
             if p.act_dtype is None:
@@ -109,9 +174,9 @@ class Split:
 
 @dataclass
 class Layer:
-    qkv: Linear | Split
+    qkv: Linear | UnfusedLinears
     o: Linear
-    gate_up: Linear | Split
+    gate_up: Linear | UnfusedLinears
     down: Linear
     ln1: torch.Tensor
     ln2: torch.Tensor
@@ -129,10 +194,21 @@ class GPUDecoder:
         lm_head: torch.Tensor,
         act_dtype: torch.dtype | None,
         kv_dtype: torch.dtype = torch.bfloat16,
-        attn_splits: int = 16,
+        attn_splits: int | str | None = "env",
     ) -> None:
+        """attn_splits: key slices of the decode attention; None: per batch size (``decode_splits``); "env":
+        from Q8CHAT_GPU_ATTN_SPLITS."""
+        if attn_splits == "env":
+            attn_splits = _env_splits()
+        for lyr in layers:
+            if isinstance(lyr.gate_up, Linear) and lyr.gate_up.scale is not None and not lyr.gate_up.interleaved:
+                lyr.gate_up = lyr.gate_up.interleave_halves()  # our GEMMs run it: silu in their epilogue
         self.cfg, self.embed, self.layers, self.norm, self.lm_head = cfg, embed, layers, norm, lm_head
         self.act_dtype, self.kv_dtype, self.splits = act_dtype, kv_dtype, attn_splits
+        # which elementwise steps run inside the GEMMs: "oquant" (the o projection's input quantization), "silu"
+        # (silu(gate) * up and the down projection's input quantization); the others run as kernels of their
+        # own (the benchmark captures the variants side by side)
+        self.fuse: tuple[str, ...] = _env_fuse()
         self.device = embed.device
         self.max_batch = self.max_len = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
@@ -160,6 +236,12 @@ class GPUDecoder:
         c = self.cfg
         return 2 * len(self.layers) * batch * c.num_kv_heads * seq * c.head_dim * self.k_cache[0].element_size()
 
+    def splits_for(self, bsz: int) -> int:
+        if self.splits is not None:
+            return self.splits
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 8
+        return decode_splits(bsz, self.cfg.num_kv_heads, sms)
+
     # -- forward ------------------------------------------------------------------------------
     def _layers(
         self, x: torch.Tensor, positions: torch.Tensor, bsz: int, t: int, seq_lens: torch.Tensor | None
@@ -169,7 +251,14 @@ class GPUDecoder:
         h_n, kv_n, d = c.num_heads, c.num_kv_heads, c.head_dim
         eps = c.rms_norm_eps
         delta = None
-        ws = decode_workspace(bsz, h_n, d, self.splits, x.device) if seq_lens is not None else None
+        decode = seq_lens is not None
+        splits = self.splits_for(bsz) if decode else 0
+        ws = decode_workspace(bsz, h_n, d, splits, x.device) if decode else None
+        # row amax of the o input [layer, 0] and of silu(gate)*up [layer, 1], accumulated by their producers
+        # (one memset per step, not one per layer)
+        amax = (
+            torch.zeros((len(self.layers), 2, x.shape[0]), dtype=torch.float32, device=x.device) if self.fuse else None
+        )
         for i, lyr in enumerate(self.layers):
             h, hs = norm_quant(
                 x, lyr.ln1, eps, residual=delta, qdtype=lyr.qkv.act_dtype, static_scale=lyr.qkv.input_scale
@@ -177,25 +266,36 @@ class GPUDecoder:
             qkv = lyr.qkv(h, hs)
             kc, vc = self.k_cache[i][:bsz], self.v_cache[i][:bsz]
             rope_and_cache(qkv, positions, self.cos, self.sin, kc, vc, lyr.k_scale, lyr.v_scale, h_n, kv_n, t)
-            if seq_lens is not None:
+            fuse_o = decode and amax is not None and "oquant" in self.fuse and lyr.o.act_dtype is not None
+            o_amax = amax[i, 0] if fuse_o else None
+            if decode:
                 attn = decode_attention(
-                    qkv, kc, vc, lyr.k_scale, lyr.v_scale, seq_lens, h_n, splits=self.splits, workspace=ws
+                    qkv, kc, vc, lyr.k_scale, lyr.v_scale, seq_lens, h_n, splits=splits, workspace=ws, amax_out=o_amax
                 )
             else:
                 attn = self._prefill_attention(qkv, bsz, t)
-            o_act = lyr.o.act_dtype
-            a, as_ = (
-                (attn, None) if o_act is None else norm_quant(attn, None, qdtype=o_act, static_scale=lyr.o.input_scale)
-            )
-            o = lyr.o(a, as_)
+            o = lyr.o(attn, None, amax=o_amax)  # a W8A8 o quantizes the bf16 attention output itself
             h, hs = norm_quant(
                 x, lyr.ln2, eps, residual=o, qdtype=lyr.gate_up.act_dtype, static_scale=lyr.gate_up.input_scale
             )
-            gu = lyr.gate_up(h, hs)
-            m, ms = silu_mul_quant(gu, lyr.down.act_dtype, static_scale=lyr.down.input_scale)
-            delta = lyr.down(m, ms)
+            m, ms, m_amax = self._mlp_act(lyr, h, hs, amax[i, 1] if amax is not None and "silu" in self.fuse else None)
+            delta = lyr.down(m, ms, amax=m_amax)
         h, _ = norm_quant(x, self.norm, eps, residual=delta)
         return h
+
+    def _mlp_act(
+        self, lyr: Layer, h: torch.Tensor, hs: torch.Tensor, amax: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """silu(gate) * up for the down projection: (values, their scale, their row amax): quantized with a
+        scale by a kernel of its own, or bf16 with the amax the gate_up epilogue accumulated (down quantizes
+        on load)."""
+        gu, down = lyr.gate_up, lyr.down
+        if amax is not None and isinstance(gu, Linear) and gu.interleaved:
+            m, m_amax = gu.silu(h, hs, amax)
+            return m, None, m_amax
+        interleaved = isinstance(gu, Linear) and gu.interleaved
+        m, ms = silu_mul_quant(gu(h, hs), down.act_dtype, static_scale=down.input_scale, interleaved=interleaved)
+        return m, (ms if down.act_dtype is not None else None), None
 
     def _prefill_attention(self, qkv: torch.Tensor, bsz: int, t: int) -> torch.Tensor:
         """Causal attention over the prompt. k and v are read from ``qkv``, where ``rope_and_cache`` left what

@@ -4,8 +4,8 @@ Compressed-tensors layout (what ``quant`` writes): for each linear ``NAME.weight
 float8_e4m3fn [out, in]) and ``NAME.weight_scale`` (float32 [out, 1]), optionally ``NAME.input_scale``
 (static activation scale); ``model.layers.N.self_attn.k_scale`` / ``v_scale`` for an 8-bit KV cache.
 ``load_quantized_linears`` reads exactly those names; ``quantize_weights`` makes the same layout from
-BF16 weights (round-to-nearest per output channel, no calibration) for models that have no
-quantized checkpoint yet and for random-weight benchmarks.
+BF16 weights (``quant.reference.quantize_weight``: round-to-nearest per output channel, no calibration) for
+random-weight benchmarks.
 """
 
 from __future__ import annotations
@@ -16,23 +16,13 @@ import torch
 
 from gpu_backend.model import FP8, GPUDecoder, Layer, Linear
 from models.config import DecoderConfig
-from models.decoder import LINEAR_SUFFIXES
+from models.decoder import LINEAR_SUFFIXES, layer_prefix
 from models.weights import read_tensors
+from quant.reference import quantize_weight
+from quant.schemes import get_scheme
 
-# scheme -> (weight dtype, activation dtype); None = bf16
-SCHEMES: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
-    "bf16": (None, None),
-    "w8a16-int8": (torch.int8, None),
-    "w8a16-fp8": (FP8, None),
-    "w8a8-int8": (torch.int8, torch.int8),
-    "w8a8-fp8": (FP8, FP8),
-}
-ALIASES = {"w8a8-int8-sq": "w8a8-int8"}
+DTYPES = {"int": torch.int8, "float": FP8, None: None}  # a scheme's weight / activation type -> torch dtype
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": FP8, "int8": torch.int8}
-
-
-def canonical_scheme(scheme: str) -> str:
-    return ALIASES.get(scheme, scheme)
 
 
 def load_quantized_linears(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -40,22 +30,12 @@ def load_quantized_linears(folder: str | Path) -> dict[str, torch.Tensor]:
     return read_tensors(Path(folder))
 
 
-def quantize_weight(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric quantization: (q [N, K], scale [N, 1] float32)."""
-    qmax = 127.0 if dtype == torch.int8 else 448.0
-    wf = w.float()
-    scale = (wf.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
-    q = wf / scale
-    q = q.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else q.clamp(-448, 448).to(dtype)
-    return q, scale
-
-
-def quantize_weights(state: dict[str, torch.Tensor], cfg: DecoderConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def quantize_weights(state: dict[str, torch.Tensor], cfg: DecoderConfig, weight_type: str) -> dict[str, torch.Tensor]:
     """BF16 state dict -> compressed-tensors names with 8-bit linears (in place; returns ``state``)."""
     for i in range(cfg.num_layers):
         for suffix in LINEAR_SUFFIXES:
-            name = f"model.layers.{i}.{suffix}"
-            q, s = quantize_weight(state[name + ".weight"], dtype)
+            name = layer_prefix(i) + suffix
+            q, s = quantize_weight(state[name + ".weight"], weight_type)
             state[name + ".weight"], state[name + ".weight_scale"] = q, s
     return state
 
@@ -112,26 +92,24 @@ def build_decoder(
     kv_cache: str = "bf16",
     device: str | torch.device = "cuda",
 ) -> GPUDecoder:
-    scheme = canonical_scheme(scheme)
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    formats = get_scheme(scheme).formats
     if kv_cache not in KV_DTYPES:
         raise ValueError(f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_DTYPES)}")
-    w_dtype, act = SCHEMES[scheme]
+    w_dtype, act = DTYPES[formats[0]], DTYPES[formats[1]]
     # a quantized checkpoint: linears with a weight_scale are 8-bit, the others were kept in BF16 by the
     # quantizer (manifest keep_bf16) and run as BF16 GEMMs
     q_dtypes = {v.dtype for k, v in state.items() if k.endswith(".weight") and v.dtype in (torch.int8, FP8)}
     if w_dtype is None and q_dtypes:
         raise ValueError(f"the checkpoint holds {sorted(map(str, q_dtypes))} weights; it cannot run as {scheme}")
     if w_dtype is not None and not q_dtypes:
-        state = quantize_weights(dict(state), cfg, w_dtype)
+        state = quantize_weights(dict(state), cfg, formats[0])
     elif w_dtype is not None and q_dtypes != {w_dtype}:
         have = sorted(map(str, q_dtypes))
         raise ValueError(f"scheme {scheme} needs {w_dtype} weights but the checkpoint holds {have}")
     kv_dtype = KV_DTYPES[kv_cache]
     layers = []
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
+        p = layer_prefix(i)
         lin = {s: _linear(state, p + s, act, device) for s in LINEAR_SUFFIXES}
         layers.append(
             Layer(

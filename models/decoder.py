@@ -27,6 +27,11 @@ LINEAR_SUFFIXES = (
 )
 
 
+def layer_prefix(i: int) -> str:
+    """The checkpoint name prefix of decoder layer ``i`` (Hugging Face's Llama layout)."""
+    return f"model.layers.{i}."
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -189,7 +194,7 @@ class Decoder(nn.Module):
 
     def linear_names(self) -> list[str]:
         """Names of the projections a quantizer or backend may replace (lm_head excluded)."""
-        return [f"model.layers.{i}.{s}" for i in range(self.config.num_layers) for s in LINEAR_SUFFIXES]
+        return [layer_prefix(i) + s for i in range(self.config.num_layers) for s in LINEAR_SUFFIXES]
 
     def replace_linear(self, name: str, module: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
+from abc import abstractmethod
 from collections.abc import Iterator
 
 import torch
+from tokenizers.decoders import DecodeStream
 
-from models.backend import Backend, RequestError, SamplingParams, Timings, TokenEvent
+from models.backend import Backend, Message, RequestError, SamplingParams, Stopwatch, TokenEvent
+from models.chat import render_chat
 from models.decoder import Decoder, KVCache
 
 
@@ -34,35 +36,98 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
 
 
 class TextStream:
-    """Incremental detokenization that never emits half a UTF-8 character or a split word piece."""
+    """Incremental detokenization (tokenizers' DecodeStream): text is released only once it is whole, never half
+    a UTF-8 character or a word piece that the next token changes."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        self.tokenizer = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers fast tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
+        return self.stream.step(self.tokenizer, token) or ""
 
     def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+        """What is still held back at the end: nothing printable (an unfinished character is dropped)."""
+        return ""
+
+
+class LocalBackend(Backend):
+    """A backend that runs the model itself (in this process or a worker it owns). Owns, once for all such
+    engines: rendering the chat with the model's template, cutting the history to the context, one generation
+    at a time (callers queue on ``lock``), detokenizing, stopping at EOS or the budget, cancelling, timing.
+
+    Subclasses set ``tokenizer``, ``eos_ids`` and ``_context`` and implement ``start``.
+    """
+
+    tokenizer: object
+    eos_ids: set[int]
+    _context: int
+
+    def __init__(self, scheme: str) -> None:
+        self._scheme = scheme
+        self.lock = threading.Lock()
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    @abstractmethod
+    def start(self, prompt_ids: list[int], params: SamplingParams, budget: int) -> tuple[int, Iterator[int]]:
+        """Begin a generation: (prompt tokens served from the KV cache, the sampled token ids, produced lazily:
+        the next one is computed when asked for). Closing the iterator ends the generation."""
+
+    def generate(
+        self, messages: list[Message], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        params.validate()
+        room = self.context_length - params.max_new_tokens
+        if room < 16:
+            raise RequestError(
+                f"max new tokens ({params.max_new_tokens}) leaves no room for the prompt in the "
+                f"{self.context_length}-token context: lower it"
+            )
+        prompt = render_chat(self.tokenizer, messages, room)
+        return self._stream(prompt.ids, params, cancel, prompt.dropped_turns)
+
+    def generate_ids(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
+        """``generate`` for an already rendered prompt (benchmarks, evaluation)."""
+        params.validate()
+        return self._stream(list(prompt_ids), params, cancel)
+
+    def _stream(self, prompt_ids: list[int], params, cancel, dropped_turns: int = 0) -> Iterator[TokenEvent]:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
+        budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
+        with self.lock:
+            watch = Stopwatch(len(prompt_ids), dropped_turns)
+            watch.timings.cached_tokens, tokens = self.start(prompt_ids, params, budget)
+            text, reason = TextStream(self.tokenizer), "length"
+            try:
+                while watch.timings.generated_tokens < budget:
+                    if cancel is not None and cancel.is_set():
+                        reason = "cancelled"
+                        break
+                    token = next(tokens)
+                    watch.token()
+                    if token in self.eos_ids and not params.ignore_eos:
+                        reason = "eos"
+                        break
+                    yield TokenEvent(text.push(token), token)
+            finally:  # also when the consumer stops reading: the engine stops computing
+                tokens.close()
+            yield TokenEvent(text.flush(), None, finished=True, finish_reason=reason, timings=watch.finish())
 
 
 class Generator:
-    """Runs a Decoder with one persistent KV cache; one generation at a time (callers queue on a lock).
+    """Runs a Decoder with one persistent KV cache, one generation at a time (its LocalBackend's lock).
 
     The cache outlives a generation: a prompt that starts with tokens the cache already holds (a chat's next turn
     repeats the conversation so far) prefills only the rest (``reuses_prefix``; the count is reported as
@@ -75,15 +140,12 @@ class Generator:
     def __init__(
         self,
         model: Decoder,
-        tokenizer,
-        eos_ids: set[int],
         max_len: int,
         device: str = "cpu",
         cache_dtype: torch.dtype | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.eos_ids, self.device = model, tokenizer, set(eos_ids), device
+        self.model, self.device = model, device
         self.cache: KVCache = model.new_cache(1, max_len, cache_dtype)
-        self.lock = threading.Lock()
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds, from position 0
 
     @property
@@ -107,77 +169,35 @@ class Generator:
         ids = torch.tensor([[token]], device=self.device)
         return self.model(ids, self.cache, pos)[0, -1]
 
-    @torch.inference_mode()
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
-    ) -> Iterator[TokenEvent]:
-        params.validate()
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        if len(prompt_ids) >= self.max_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
-        budget = min(params.max_new_tokens, self.max_len - len(prompt_ids))
-        rng = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
-        with self.lock:
-            yield from self._run(prompt_ids, params, budget, cancel, rng)
-
-    def _run(self, prompt_ids, params, budget, cancel, rng) -> Iterator[TokenEvent]:
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[int, Iterator[int]]:
         # a seeded request prefills its whole prompt: logits after a partial prefill differ in the last bits (other
         # GEMM and attention blockings), and the same seed must give the same tokens whatever the cache holds
         reused = self.reusable(prompt_ids) if params.cache_prompt and params.seed is None else 0
-        timings = Timings(prompt_tokens=len(prompt_ids), cached_tokens=reused)
-        stream = TextStream(self.tokenizer)
+        return reused, self._tokens(prompt_ids, reused, params)
+
+    @torch.inference_mode()
+    def _tokens(self, prompt_ids: list[int], reused: int, params: SamplingParams) -> Iterator[int]:
+        rng = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
         seen = torch.tensor(prompt_ids, dtype=torch.long) if params.repetition_penalty != 1.0 else None
-        start = time.perf_counter()
-        first = last = start
         self.cached = []  # being overwritten: nothing reusable until the prefill is done
         logits = self.prefill(torch.tensor([prompt_ids[reused:]], device=self.device), reused)
         written = list(prompt_ids)
-        pos, reason = len(prompt_ids), "length"
         try:
-            for i in range(budget):
-                if cancel is not None and cancel.is_set():
-                    reason = "cancelled"
-                    break
+            while True:
                 token = sample(logits.float().cpu(), params, seen, rng)
-                last = time.perf_counter()
-                if i == 0:
-                    first = last
-                    timings.ttft_ms = (first - start) * 1000
-                timings.generated_tokens = i + 1
-                if token in self.eos_ids and not params.ignore_eos:
-                    reason = "eos"
-                    break
                 if seen is not None:
                     seen = torch.cat([seen, torch.tensor([token])])
-                yield TokenEvent(stream.push(token), token)
-                if i + 1 < budget:
-                    logits = self.decode(token, pos)
-                    written.append(token)
-                    pos += 1
-        finally:  # also when the consumer stops reading: the cache holds exactly `written`
+                yield token
+                logits = self.decode(token, len(written))
+                written.append(token)
+        finally:  # also when the generation is closed mid-way: the cache holds exactly `written`
             self.cached = written
-        n = timings.generated_tokens
-        timings.tpot_ms = (last - first) * 1000 / (n - 1) if n > 1 else 0.0
-        timings.total_ms = (time.perf_counter() - start) * 1000
-        yield TokenEvent(stream.flush(), None, finished=True, finish_reason=reason, timings=timings)
 
 
-class GeneratorBackend(Backend):
-    """A Backend whose engine is a ``Generator``: scheme, context length and streaming come from it."""
+class GeneratorBackend(LocalBackend):
+    """A LocalBackend whose engine is a ``Generator`` in this process."""
 
     generator: Generator
-    _scheme: str
 
-    @property
-    def scheme(self) -> str:
-        return self._scheme
-
-    @property
-    def context_length(self) -> int:
-        return self.generator.max_len
-
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
-    ) -> Iterator[TokenEvent]:
-        return self.generator.generate(prompt_ids, params, cancel)
+    def start(self, prompt_ids: list[int], params: SamplingParams, budget: int) -> tuple[int, Iterator[int]]:
+        return self.generator.start(prompt_ids, params)

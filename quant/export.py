@@ -24,7 +24,7 @@ from models.registry import cache_dir, resolve
 from models.weights import read_tensors
 from quant.data import calibration_samples
 from quant.pipeline import QuantizeConfig, calibrate, quantize_tensors
-from quant.schemes import get_scheme
+from quant.schemes import BF16, W8A8_INT8, get_scheme
 from quant.stats import model_hash
 
 EXPORT_MANIFEST = "q8chat_export.json"
@@ -51,7 +51,7 @@ def export_smoothed(model_spec: str, alpha: float | str = "auto", out: str | Pat
     Alphas are chosen (``alpha="auto"``) for static per-tensor INT8 activations, the scheme IPEX and
     OpenVINO run. ``options`` are ``QuantizeConfig`` calibration fields (samples, seq_len, data, ...).
     """
-    qc = QuantizeConfig(model=model_spec, scheme="w8a8-int8", alpha=alpha, activations="static", **options)
+    qc = QuantizeConfig(model=model_spec, scheme=W8A8_INT8, alpha=alpha, activations="static", **options)
     scheme = qc.validate()
     folder = resolve(model_spec)
     source_hash = model_hash(folder)
@@ -64,7 +64,7 @@ def export_smoothed(model_spec: str, alpha: float | str = "auto", out: str | Pat
 
     cfg = DecoderConfig.from_file(folder / "config.json")
     stats, alphas, info = calibrate(qc, scheme, folder, cfg, progress)
-    tensors = quantize_tensors(cfg, read_tensors(folder), get_scheme("bf16"), stats, alphas, set())
+    tensors = quantize_tensors(cfg, read_tensors(folder), get_scheme(BF16), stats, alphas, set())
     from models.chat import load_tokenizer
 
     ids = calibration_samples(load_tokenizer(folder), qc.samples, qc.seq_len, qc.data)

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from models.config import DecoderConfig
-from models.decoder import LINEAR_SUFFIXES, Decoder
+from models.decoder import LINEAR_SUFFIXES, Decoder, layer_prefix
 from models.registry import cache_dir, resolve
 from models.weights import load_decoder, read_tensors
 from quant.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from quant.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_samples
 from quant.reference import quantize_weight
-from quant.schemes import FP8_MAX, INT8_MAX, Scheme, SchemeError, get_scheme
+from quant.schemes import FP8_MAX, INT8_MAX, W8A8_INT8, Scheme, SchemeError, get_scheme
 from quant.smooth import MAPPINGS, search_layer, smooth_layer
 from quant.stats import Stats, cached_stats, model_hash, run_layers
 
@@ -28,10 +28,10 @@ class QuantizeConfig:
     """Everything that decides a checkpoint's contents."""
 
     model: str = "smollm2-135m"
-    scheme: str = "w8a8-int8"
-    alpha: float | str = "auto"  # SmoothQuant strength for w8a8-int8: a number in [0, 1] (0 = naive) or "auto"
+    scheme: str = W8A8_INT8
+    alpha: float | str = "auto"  # SmoothQuant strength (schemes that smooth): a number in [0, 1] (0 = naive) or "auto"
     kv_cache: str = "none"
-    activations: str = "dynamic"  # w8a8-int8 only: "static" stores a calibrated per-tensor input_scale
+    activations: str = "dynamic"  # int8 activations only: "static" stores a calibrated per-tensor input_scale
     data: str = "wiki"  # or a .txt / .jsonl file
     samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
@@ -53,11 +53,11 @@ class QuantizeConfig:
 
     @property
     def smoothing(self) -> bool:
-        return self.scheme in ("w8a8-int8", "w8a8-fp8") and self.alpha != 0 and self.alpha != 0.0
+        return get_scheme(self.scheme).smooth and self.alpha != 0 and self.alpha != 0.0
 
 
 def _layer_tensors(src: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    p = f"model.layers.{i}."
+    p = layer_prefix(i)
     return {k[len(p):]: v.float() for k, v in src.items() if k.startswith(p)}
 
 
@@ -122,7 +122,7 @@ def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path
     folder = resolve(qc.model)
     cfg = DecoderConfig.from_file(folder / "config.json")
     keep = [n for n in qc.keep_bf16]
-    bad = sorted(set(keep) - {f"model.layers.{i}.{s}" for i in range(cfg.num_layers) for s in LINEAR_SUFFIXES})
+    bad = sorted(set(keep) - {layer_prefix(i) + s for i in range(cfg.num_layers) for s in LINEAR_SUFFIXES})
     if bad:
         raise SchemeError(f"keep_bf16 names unknown linears, e.g. {bad[0]} (use model.layers.N.mlp.down_proj)")
     info: dict[str, Any] = {"source": {"model": qc.model, "folder": str(folder), "hash": model_hash(folder)},
@@ -141,7 +141,7 @@ def quantize_tensors(cfg: DecoderConfig, src: dict[str, torch.Tensor], scheme: S
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
+        p = layer_prefix(i)
         layer = _layer_tensors(src, i)
         x_absmax = None
         if alphas is not None and stats is not None:
@@ -172,7 +172,7 @@ def quantize_tensors(cfg: DecoderConfig, src: dict[str, torch.Tensor], scheme: S
 def default_out(qc: QuantizeConfig) -> Path:
     digest = hashlib.sha256(json.dumps(asdict(qc), sort_keys=True).encode()).hexdigest()[:10]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(qc.model).name)
-    alpha = f"-a{qc.alpha}" if qc.scheme == "w8a8-int8" else ""
+    alpha = f"-a{qc.alpha}" if qc.smoothing else ""
     kv = f"-kv{qc.kv_cache}" if qc.kv_cache != "none" else ""
     return cache_dir() / "checkpoints" / f"{slug}-{qc.scheme}{alpha}{kv}-{digest}"
 

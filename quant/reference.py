@@ -149,22 +149,12 @@ def reference_decoder(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "
     cache that fake-quantizes keys and values with the checkpoint's ``k_scale``/``v_scale``.
     """
     from models.decoder import Decoder
+    from models.weights import decoder_from_tensors
 
     cfg = ckpt.config
     with torch.device("meta"):
-        model = Decoder(cfg)
-    linear_names = {n for n in model.linear_names() if ckpt.is_quantized(n)}  # kept-BF16 ones load as nn.Linear
-    state = {}
-    for name in model.state_dict():
-        module = name.rpartition(".")[0]
-        if module in linear_names or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        state[name] = ckpt.tensors[name].to(device=device, dtype=dtype)
-    for name in linear_names:
-        state.pop(f"{name}.bias", None)
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        linear_names = {n for n in Decoder(cfg).linear_names() if ckpt.is_quantized(n)}  # kept-BF16: nn.Linear
+    model = decoder_from_tensors(cfg, ckpt.tensors, dtype, device, skip=linear_names, where=str(ckpt.folder))
     act = ckpt.scheme.activation_type
     for name in sorted(linear_names):
         w, ws, xs = ckpt.linear(name)
@@ -174,9 +164,6 @@ def reference_decoder(ckpt, dtype: torch.dtype = torch.bfloat16, device: str = "
             None if bias is None else bias.to(device=device, dtype=dtype),
         )
         model.replace_linear(name, module)
-    from models.decoder import rope_inv_freq
-
-    model.inv_freq = rope_inv_freq(cfg).to(device)
     if ckpt.scheme.kv_cache != "none":
         ks, vs = ckpt.kv_scales()
         cache_cls, kind = _kv_cache_class(), ckpt.scheme.kv_cache

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from models.config import DecoderConfig
+from models.decoder import layer_prefix
 from quant.reference import QuantLinearRef, quantize_weight
 from quant.stats import Stats
 
@@ -95,7 +96,7 @@ def smooth_layer(cfg: DecoderConfig, layer_idx: int, layer: dict[str, torch.Tens
     Returns each linear's input abs-max after smoothing, plus ``"v_divisor"``: what each value channel
     ([kv_heads * head_dim]) was divided by (the KV cache's v_scale must follow it).
     """
-    p = f"model.layers.{layer_idx}."
+    p = layer_prefix(layer_idx)
     x_absmax = {s: stats.input_absmax(p + s).float() for s in _linear_suffixes()}
     x_absmax["v_divisor"] = torch.ones(cfg.num_kv_heads * cfg.head_dim)
     for m in MAPPINGS:
@@ -145,7 +146,7 @@ def search_layer(cfg: DecoderConfig, layer_idx: int, layer: dict[str, torch.Tens
     ``inputs`` maps each mapping's first linear suffix to captured float inputs [tokens, in].
     Returns (alphas, errors per grid point).
     """
-    p = f"model.layers.{layer_idx}."
+    p = layer_prefix(layer_idx)
     layer = dict(layer)  # smoothing below replaces entries; the caller's tensors stay as they were
     alphas, errors = {}, {}
     for m in MAPPINGS:

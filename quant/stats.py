@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from models.decoder import LINEAR_SUFFIXES, Decoder
+from models.decoder import LINEAR_SUFFIXES, Decoder, layer_prefix
 from models.registry import cache_dir, file_digest
 from models.weights import weight_files
 
@@ -81,7 +81,7 @@ class Stats:
 
     def kv_absmax(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Abs-max of keys (after RoPE) and values per KV head and channel, [kv_heads, head_dim] each."""
-        p = f"model.layers.{layer}.self_attn"
+        p = layer_prefix(layer) + "self_attn"
         return self.tensors[f"{p}.k_absmax"], self.tensors[f"{p}.v_absmax"]
 
 
@@ -93,7 +93,7 @@ def collect_stats(model: Decoder, samples: torch.Tensor, batch_size: int = 8, pr
 
     def on_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # [b, kv_heads, t, head_dim]
         for tag, x in (("k", k), ("v", v)):
-            name = f"model.layers.{layer}.self_attn.{tag}_absmax"
+            name = f"{layer_prefix(layer)}self_attn.{tag}_absmax"
             amax = x.detach().abs().float().amax(dim=(0, 2))  # [kv_heads, head_dim]
             out[name] = torch.maximum(out[name], amax) if name in out else amax
 
@@ -112,7 +112,7 @@ def collect_stats(model: Decoder, samples: torch.Tensor, batch_size: int = 8, pr
 
     for i, layer, run in run_layers(model, samples, batch_size, "calibrating" if progress else None, on_kv):
         handles = [
-            layer.get_submodule(s).register_forward_pre_hook(hook(f"model.layers.{i}.{s}")) for s in LINEAR_SUFFIXES
+            layer.get_submodule(s).register_forward_pre_hook(hook(layer_prefix(i) + s)) for s in LINEAR_SUFFIXES
         ]
         try:
             run()

@@ -10,10 +10,9 @@ are the Space's variables and secrets):
   ``Q8CHAT_REMOTE_API_KEY``); the key itself never appears on a command line or in a log.
 - ``Q8CHAT_REMOTE_CONTEXT``: the remote model's context in tokens (default 8192), used to cut long chats.
 
-The remote server applies its own chat template, so the "prompt" the service renders for this engine is
-the chat itself: ``MessageCodec`` packs the messages (JSON, UTF-8, three bytes per id) into the id list
-that the ``Backend`` interface carries and unpacks them here. Its length, bytes / 3, is a conservative
-stand-in for the token count (English text runs ~4 bytes per token), so history truncation still works.
+The remote server applies its own chat template: the messages go through as they are, cut to the context by
+dropping the oldest turns whole (``models.chat.fit_chat``, sized at a conservative 3 bytes per token: English
+text runs ~4). The stream is read with the official ``openai`` client.
 """
 
 from __future__ import annotations
@@ -21,21 +20,22 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
-import httpx
+import openai
 
-from models.backend import Backend, RequestError, SamplingParams, Timings, TokenEvent
+from models.backend import Backend, Message, RequestError, SamplingParams, Stopwatch, TokenEvent
+from models.chat import fit_chat
 
 ENV_URL = "Q8CHAT_REMOTE_URL"
 ENV_MODEL = "Q8CHAT_REMOTE_MODEL"
 ENV_KEY_VAR = "Q8CHAT_REMOTE_API_KEY_ENV"
 ENV_CONTEXT = "Q8CHAT_REMOTE_CONTEXT"
 DEFAULT_KEY_VAR = "Q8CHAT_REMOTE_API_KEY"
-REMOTE_SCHEMES = ("remote",)
+REMOTE_SCHEME = "remote"  # the server runs whatever it serves: no scheme of ours applies
 FINISH = {"stop": "eos", "length": "length"}
+BYTES_PER_TOKEN = 3  # a conservative stand-in for the server's tokenizer when cutting long chats
 
 
 def configure(url: str | None, model: str | None = None, api_key_env: str | None = None) -> None:
@@ -60,46 +60,24 @@ def remote_model() -> str | None:
     return os.environ.get(ENV_MODEL) or None
 
 
-class MessageCodec:
-    """Stands in for a tokenizer: 'renders' a chat into ids that carry the messages themselves."""
-
-    chat_template = "remote: the server applies its own template"
-    eos_token_id = None
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
-        data = json.dumps(list(messages), ensure_ascii=False).encode("utf-8")
-        data += b" " * (-len(data) % 3)  # JSON ignores trailing blanks
-        return [int.from_bytes(data[i : i + 3], "big") for i in range(0, len(data), 3)]
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return b"".join(int(i).to_bytes(3, "big") for i in ids).decode("utf-8")
-
-    def messages(self, ids: list[int]) -> list[dict[str, str]]:
-        try:
-            messages = json.loads(self.decode(ids))
-        except (ValueError, OverflowError) as e:
-            raise RequestError("the remote backend got a prompt that is not a packed chat") from e
-        if not isinstance(messages, list):
-            raise RequestError("the remote backend got a prompt that is not a packed chat")
-        return messages
-
-
 class RemoteEngine(Backend):
     name = "remote"
-    SCHEMES = REMOTE_SCHEMES
 
-    def __init__(self, model: str, scheme: str = "remote", timeout_s: float = 120.0) -> None:
+    def __init__(self, model: str, scheme: str = REMOTE_SCHEME, timeout_s: float = 120.0) -> None:
         url = os.environ.get(ENV_URL)
         if not url:
             raise RequestError("no remote server is configured: start q8chat with --remote-url http://host:port/v1")
-        if scheme not in REMOTE_SCHEMES:
+        if scheme != REMOTE_SCHEME:
             raise RequestError(
-                f"scheme {scheme!r} does not apply to a remote server (it serves what it serves); use 'remote'"
+                f"scheme {scheme!r} does not apply to a remote server (it serves what it serves); "
+                f"use {REMOTE_SCHEME!r}"
             )
         self.url = validate_url(url)
         self.model = remote_model() or model
-        self.tokenizer = MessageCodec()
-        self.timeout = httpx.Timeout(timeout_s, connect=10.0)
+        key = os.environ.get(os.environ.get(ENV_KEY_VAR) or DEFAULT_KEY_VAR)
+        self.client = openai.OpenAI(
+            base_url=self.url, api_key=key or "unused", timeout=openai.Timeout(timeout_s, connect=10.0), max_retries=0
+        )
         try:
             self._context = int(os.environ.get(ENV_CONTEXT, "8192"))
         except ValueError as e:
@@ -116,23 +94,27 @@ class RemoteEngine(Backend):
             return False, str(e)
         return True, ""
 
+    @classmethod
+    def supported_schemes(cls) -> tuple[str, ...]:
+        return (REMOTE_SCHEME,) if cls.availability()[0] else ()
+
     @property
     def scheme(self) -> str:
-        return "remote"
+        return REMOTE_SCHEME
 
     @property
     def context_length(self) -> int:
         return self._context
 
-    def headers(self) -> dict[str, str]:
-        key = os.environ.get(os.environ.get(ENV_KEY_VAR) or DEFAULT_KEY_VAR)
-        headers = {"Accept": "text/event-stream"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def body(self, messages: list[dict[str, str]], params: SamplingParams) -> dict:
-        body: dict = {
+    def request(self, messages: list[Message], params: SamplingParams) -> dict:
+        """The create() arguments: OpenAI's own parameters, and the extras vLLM, llama.cpp and q8chat take
+        (only when asked for)."""
+        extra: dict = {}
+        if params.top_k:
+            extra["top_k"] = params.top_k
+        if params.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = params.repetition_penalty
+        args: dict = {
             "model": self.model,
             "messages": messages,
             "stream": True,
@@ -142,96 +124,61 @@ class RemoteEngine(Backend):
             "top_p": params.top_p,
         }
         if params.seed is not None:
-            body["seed"] = params.seed
-        # not OpenAI's own parameters, but vLLM, llama.cpp and q8chat take them; send them only when asked for
-        if params.top_k:
-            body["top_k"] = params.top_k
-        if params.repetition_penalty != 1.0:
-            body["repetition_penalty"] = params.repetition_penalty
-        return body
+            args["seed"] = params.seed
+        if extra:
+            args["extra_body"] = extra
+        return args
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None
+        self, messages: list[Message], params: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[TokenEvent]:
         params.validate()
-        messages = self.tokenizer.messages(prompt_ids)
-        return self._stream(messages, params, cancel)
+        room = (self.context_length - params.max_new_tokens) * BYTES_PER_TOKEN
+        messages, dropped = fit_chat(messages, lambda chat: len(json.dumps(chat).encode()), room)
+        return self._stream(messages, params, cancel, dropped)
 
-    def _stream(self, messages, params: SamplingParams, cancel: threading.Event | None) -> Iterator[TokenEvent]:
-        timings = Timings()
-        start = time.perf_counter()
-        first = last = start
-        chunks, reason, usage = 0, "length", None
-        endpoint = f"{self.url}/chat/completions"
+    def _stream(self, messages, params: SamplingParams, cancel, dropped: int) -> Iterator[TokenEvent]:
+        watch = Stopwatch(dropped_turns=dropped)
+        reason, usage = "length", None
         try:
-            with (
-                httpx.Client(timeout=self.timeout) as client,
-                client.stream("POST", endpoint, json=self.body(messages, params), headers=self.headers()) as response,
-            ):
-                if response.status_code >= 400:
-                    response.read()
-                    raise RequestError(
-                        f"the remote server at {self.url} answered {response.status_code}: {error_message(response)}"
-                    )
-                for data in sse_data(response.iter_lines()):
+            stream = self.client.chat.completions.create(**self.request(messages, params))
+            try:
+                for chunk in stream:
                     if cancel is not None and cancel.is_set():
                         reason = "cancelled"
                         break
-                    if data == "[DONE]":
-                        break
-                    chunk = parse_chunk(data)
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") or ""
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices or []:
+                        text = choice.delta.content if choice.delta is not None else None
                         if text:
-                            last = time.perf_counter()
-                            if chunks == 0:
-                                first = last
-                                timings.ttft_ms = (first - start) * 1000
-                            chunks += 1
+                            watch.token()
                             yield TokenEvent(text)
-                        if choice.get("finish_reason"):
-                            reason = FINISH.get(choice["finish_reason"], choice["finish_reason"])
-        except httpx.HTTPError as e:
+                        if choice.finish_reason:
+                            reason = FINISH.get(choice.finish_reason, choice.finish_reason)
+            finally:
+                stream.close()
+        except openai.APIStatusError as e:
+            answer = f"answered {e.status_code}: {server_message(e)}"
+            raise RequestError(f"the remote server at {self.url} {answer}") from None
+        except openai.APIConnectionError as e:
             raise RequestError(f"cannot reach the remote server at {self.url}: {type(e).__name__}: {e}") from None
-        n = chunks
-        if usage and reason != "cancelled":
-            timings.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            n = int(usage.get("completion_tokens") or chunks)
-        timings.generated_tokens = n
-        timings.tpot_ms = (last - first) * 1000 / (n - 1) if n > 1 else 0.0
-        timings.total_ms = (time.perf_counter() - start) * 1000
-        yield TokenEvent("", finished=True, finish_reason=reason, timings=timings)
+        except openai.APIError as e:  # a stream that breaks off or carries an error event
+            raise RequestError(f"the remote server at {self.url} failed: {e.message}") from None
+        generated = None
+        if usage is not None and reason != "cancelled":
+            watch.timings.prompt_tokens = usage.prompt_tokens or 0
+            generated = usage.completion_tokens or watch.timings.generated_tokens
+        yield TokenEvent("", finished=True, finish_reason=reason, timings=watch.finish(generated))
 
 
-def sse_data(lines: Iterator[str]) -> Iterator[str]:
-    """The ``data:`` payloads of a server-sent event stream (one JSON object per event here)."""
-    for line in lines:
-        if line.startswith("data:"):
-            yield line[5:].strip()
-
-
-def parse_chunk(data: str) -> dict:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise RequestError(f"the remote server sent something that is not JSON: {data[:200]!r}") from None
-    if not isinstance(chunk, dict):
-        raise RequestError(f"the remote server sent an unexpected event: {data[:200]!r}")
-    if chunk.get("error"):
-        err = chunk["error"]
-        raise RequestError(f"the remote server says: {err.get('message') if isinstance(err, dict) else err}")
-    return chunk
-
-
-def error_message(response: httpx.Response) -> str:
-    try:
-        err = response.json().get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
+def server_message(e: openai.APIError) -> str:
+    """The server's own words from an OpenAI-style error body, else the client's summary."""
+    body = e.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
         if isinstance(err, str):
             return err
-    except (ValueError, AttributeError):
-        pass
-    return response.text[:300] or response.reason_phrase
+    return e.message

@@ -1,14 +1,14 @@
 """The app's OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` (streamed or not).
 
-Mounted beside the Gradio page (see ``serving.server.create_app``). It goes through the same ``ChatService`` as the
-page, so the same engines, validation and truncation apply. Errors are OpenAI-style JSON bodies,
-``{"error": {"message", "type", "param", "code"}}``, with 400 (bad request), 401 (wrong API key),
-404 (unknown model), 503 (model still loading, backend unavailable) or 500; never a traceback.
+Mounted beside the Gradio page (see ``serving.server.create_app``). It goes through the same ``ChatService`` as
+the page, so the same engines, validation and truncation apply; requests are parsed by pydantic models. Errors
+are OpenAI-style JSON bodies, ``{"error": {"message", "type", "param", "code"}}``, with 400 (bad request), 401
+(wrong API key), 404 (unknown model), 503 (model still loading, backend unavailable) or 500; never a traceback.
 
-Choosing the engine: the ``model`` field is a model id from ``/v1/models``: ``smollm2-135m`` runs the
-default backend and scheme (CPU, bf16), ``smollm2-135m@gpu:w8a8-fp8`` names both. The extra body fields
-``backend`` and ``scheme`` (``extra_body=`` in the ``openai`` client) do the same. ``top_k`` and
-``repetition_penalty`` are accepted as extra fields too, as vLLM does.
+Choosing the engine: the ``model`` field is a model id from ``/v1/models``: ``smollm2-135m`` runs the default
+backend and scheme, ``smollm2-135m@gpu:SCHEME`` names both; a model folder the operator allowed (``--model-dir``)
+is named by its path. The extra body fields ``backend`` and ``scheme`` (``extra_body=`` in the ``openai`` client)
+do the same. ``top_k`` and ``repetition_penalty`` are accepted as extra fields too, as vLLM does.
 
 Set ``Q8CHAT_API_KEY`` to require ``Authorization: Bearer <key>`` on these routes.
 """
@@ -24,19 +24,23 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.backend import SamplingParams
-from models.registry import DEFAULT_MODEL, ModelNotFoundError
+from models.registry import DEFAULT_MODEL, ModelNotFoundError, looks_like_path, operator_models, resolve
+from quant.schemes import DEFAULT_SCHEME
 from serving.service import (
     BACKENDS,
+    CHAT_DEFAULTS,
     ChatService,
     ChatSettings,
     ChatUpdate,
     backend_availability,
+    backend_model,
     backend_schemes,
     default_backend,
 )
@@ -46,12 +50,77 @@ log = logging.getLogger("q8chat")
 
 CREATED = int(time.time())
 FINISH = {"eos": "stop", "length": "length", "cancelled": "stop", None: "stop"}
-KNOWN_FIELDS = {
-    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-    "top_p", "top_k", "repetition_penalty", "seed", "n", "stop", "frequency_penalty", "presence_penalty",
-    "backend", "scheme", "user", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls", "logit_bias", "metadata", "store", "service_tier", "reasoning_effort",
-}  # fmt: skip
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat-completions body as q8chat takes it; fields it cannot honour are accepted only at their
+    no-op values (``check_supported``), unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | float | None = None  # a float is refused by SamplingParams.validate, in plain words
+    # extras vLLM and llama.cpp take too
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    backend: str | None = None
+    scheme: str | None = None
+    # OpenAI fields q8chat does not implement: refused unless at their default
+    n: int | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    logit_bias: dict[str, Any] | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+
+    def check_supported(self) -> None:
+        if self.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n")
+        if self.stop not in (None, [], ""):
+            raise APIError(400, "'stop' sequences are not supported; leave it out", param="stop")
+        for penalty in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, penalty) not in (None, 0.0):
+                raise APIError(400, f"{penalty} is not supported; use repetition_penalty", param=penalty)
+        for name in ("tools", "logprobs", "response_format", "logit_bias"):
+            if getattr(self, name) not in (None, False, [], {}, {"type": "text"}):
+                raise APIError(400, f"{name} is not supported by q8chat", param=name)
 
 
 class APIError(Exception):
@@ -65,10 +134,24 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+def validation_error(e: ValidationError) -> APIError:
+    """pydantic's first complaint, in words that name the field as the request spells it."""
+    err = e.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    where = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]) if loc else "body"
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"unknown field: {where}", param=loc[-1] if loc else None)
+    if err["type"] == "missing":
+        return APIError(400, f"'{where}' is required", param=loc[0] if loc else None)
+    return APIError(400, f"{where}: {err['msg']}", param=loc[0] if loc else None)
+
+
 def error_for(e: Exception) -> APIError:
     """Every failure as an APIError whose message tells the caller what to do."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ValidationError):
+        return validation_error(e)
     if isinstance(e, NotReadyError):
         return APIError(503, str(e), "server_error")
     if isinstance(e, ModelNotFoundError):
@@ -79,20 +162,23 @@ def error_for(e: Exception) -> APIError:
     return APIError(500, f"q8chat failed inside ({type(e).__name__}); the server log has the details", "server_error")
 
 
-def model_ids(remote_model: str | None = None) -> list[tuple[str, str, str, str]]:
+def model_ids() -> list[tuple[str, str, str, str]]:
     """(id, model, backend, scheme) for what this server can run now."""
-    ids = [(DEFAULT_MODEL, DEFAULT_MODEL, default_backend(), "bf16")]
+    local = [DEFAULT_MODEL, *operator_models()]
+    ids = [(m, m, default_backend(), DEFAULT_SCHEME) for m in local]
     for backend in BACKENDS:
         if not backend_availability(backend)[0]:
             continue
-        model = (remote_model or DEFAULT_MODEL) if backend == "remote" else DEFAULT_MODEL
-        ids += [(f"{model}@{backend}:{scheme}", model, backend, scheme) for scheme in backend_schemes(backend)]
+        models = [backend_model(backend) or DEFAULT_MODEL] if backend == "remote" else local
+        ids += [(f"{m}@{backend}:{s}", m, backend, s) for m in models for s in backend_schemes(backend)]
     return ids
 
 
-def parse_model(model: object, backend: object, scheme: object) -> tuple[str, str, str]:
-    if not isinstance(model, str) or not model.strip():
-        raise APIError(400, "'model' is required: GET /v1/models lists the ids", param="model")
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"model {name!r} not found: GET /v1/models lists the ids this server runs", param="model")
+
+
+def parse_model(model: str, backend: str | None, scheme: str | None) -> tuple[str, str, str]:
     name, _, target = model.strip().partition("@")
     if target:
         b, _, s = target.partition(":")
@@ -100,8 +186,6 @@ def parse_model(model: object, backend: object, scheme: object) -> tuple[str, st
     if backend is not None and backend not in BACKENDS:
         raise APIError(400, f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}", param="backend")
     backend = backend or default_backend()
-    if scheme is not None and not isinstance(scheme, str):
-        raise APIError(400, "'scheme' must be a string", param="scheme")
     ok, reason = backend_availability(backend)
     if not ok:
         raise APIError(503, f"the {backend.upper()} backend is not available: {reason}", "server_error")
@@ -109,89 +193,56 @@ def parse_model(model: object, backend: object, scheme: object) -> tuple[str, st
     scheme = scheme or schemes[0]
     if scheme not in schemes:
         raise APIError(400, f"scheme {scheme!r} is not available on {backend}; choose one of {', '.join(schemes)}")
-    from remote_backend.engine import remote_model
-
-    known = {m for _, m, _, _ in model_ids(remote_model())}
-    if name not in known:
-        raise APIError(404, f"model {name!r} not found: GET /v1/models lists the ids this server runs", param="model")
+    if backend == "remote":
+        if name != (backend_model(backend) or DEFAULT_MODEL):
+            raise model_not_found(name)
+    elif name != DEFAULT_MODEL:
+        if not looks_like_path(name):
+            raise model_not_found(name)
+        resolve(name)  # an operator-allowed folder or .gguf; anything else: a 404 that says why
     return name, backend, scheme
 
 
-def text_content(content: object, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}]
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"{where}: only text content parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise APIError(400, f"{where}: 'content' must be a string or a list of text parts", param="messages")
-
-
-def parse_messages(messages: object) -> tuple[str, list[dict[str, str]], str]:
+def parse_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str, str]], str]:
     """(system prompt, history, new user message) from an OpenAI message list."""
-    if not isinstance(messages, list) or not messages:
+    if not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
     system, history = [], []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
-        role = m.get("role")
-        if role in ("system", "developer"):
-            system.append(text_content(m.get("content"), f"messages[{i}]"))
-        elif role in ("user", "assistant"):
-            history.append({"role": role, "content": text_content(m.get("content"), f"messages[{i}]")})
-        else:
+        if m.role not in ROLES:
             supported = "system, user, assistant"
-            raise APIError(400, f"messages[{i}]: role {role!r} is not supported ({supported})", param="messages")
+            raise APIError(400, f"messages[{i}]: role {m.role!r} is not supported ({supported})", param="messages")
+        if m.role in ("system", "developer"):
+            system.append(m.text)
+        else:
+            history.append({"role": m.role, "content": m.text})
     if not history or history[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's", param="messages")
     return "\n\n".join(s for s in system if s.strip()), history[:-1], history[-1]["content"]
 
 
-def parse_request(body: object) -> tuple[str, ChatSettings, str, list[dict[str, str]], bool, bool]:
+def parse_request(body: object) -> tuple[ChatCompletionRequest, ChatSettings, str, list[dict[str, str]]]:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
-    if body.get("n") not in (None, 1):
-        raise APIError(400, "only n=1 is supported", param="n")
-    if body.get("stop") not in (None, [], ""):
-        raise APIError(400, "'stop' sequences are not supported; leave it out", param="stop")
-    for penalty in ("frequency_penalty", "presence_penalty"):
-        if body.get(penalty) not in (None, 0, 0.0):
-            raise APIError(400, f"{penalty} is not supported; use repetition_penalty", param=penalty)
-    for unsupported in ("tools", "logprobs", "response_format", "logit_bias"):
-        if body.get(unsupported) not in (None, False, [], {}, {"type": "text"}):
-            raise APIError(400, f"{unsupported} is not supported by q8chat", param=unsupported)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be true or false", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "'stream_options' must be an object", param="stream_options")
-    model, backend, scheme = parse_model(body.get("model"), body.get("backend"), body.get("scheme"))
-    system, history, message = parse_messages(body.get("messages"))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    req = ChatCompletionRequest.model_validate(body)
+    req.check_supported()
+    model, backend, scheme = parse_model(req.model, req.backend, req.scheme)
+    system, history, message = parse_messages(req.messages)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
-    def given(name: str, default: Any) -> Any:
-        value = body.get(name)
+    def given(value: Any, default: Any) -> Any:
         return default if value is None else value
 
     params = SamplingParams(
-        max_new_tokens=256 if max_tokens is None else max_tokens,
-        temperature=given("temperature", 1.0),
-        top_p=given("top_p", 1.0),
-        top_k=given("top_k", 0),
-        repetition_penalty=given("repetition_penalty", 1.0),
-        seed=body.get("seed"),
+        max_new_tokens=given(max_tokens, CHAT_DEFAULTS.max_new_tokens),
+        temperature=given(req.temperature, 1.0),  # OpenAI's default
+        top_p=given(req.top_p, CHAT_DEFAULTS.top_p),
+        top_k=given(req.top_k, CHAT_DEFAULTS.top_k),
+        repetition_penalty=given(req.repetition_penalty, CHAT_DEFAULTS.repetition_penalty),
+        seed=req.seed,
     )
     params.validate()  # RequestError -> 400 with the parameter's own message
-    settings = ChatSettings(backend, model, scheme, system, params)
-    return model, settings, message, history, stream, bool(options.get("include_usage"))
+    return req, ChatSettings(backend, model, scheme, system, params), message, history
 
 
 def run_in_thread(work: Callable[[Callable[[Any], None]], None]) -> tuple[asyncio.Queue, threading.Thread]:
@@ -255,9 +306,7 @@ def create_router(service: ChatService, warmup: Warmup) -> APIRouter:
     async def list_models(request: Request) -> JSONResponse:
         try:
             authorize(request)
-            from remote_backend.engine import remote_model
-
-            ids = model_ids(remote_model())
+            ids = model_ids()
         except Exception as e:  # noqa: BLE001
             return error_for(e).response()
         data = [
@@ -274,8 +323,10 @@ def create_router(service: ChatService, warmup: Warmup) -> APIRouter:
                 body = await request.json()
             except ValueError:
                 raise APIError(400, "the request body is not valid JSON") from None
-            model, settings, message, history, stream, include_usage = parse_request(body)
+            req, settings, message, history = parse_request(body)
             warmup.check(settings.backend, settings.scheme)
+            model = req.model  # answers name the model id the request asked for
+            stream, include_usage = req.stream, bool(req.stream_options and req.stream_options.include_usage)
         except Exception as e:  # noqa: BLE001
             return error_for(e).response()
 

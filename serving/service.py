@@ -11,11 +11,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import psutil
+
 from models.backend import Backend, RequestError, SamplingParams, Timings
-from models.chat import build_prompt
+from models.chat import chat_messages
 from models.registry import DEFAULT_MODEL
+from quant.schemes import DEFAULT_SCHEME
 
 log = logging.getLogger("q8chat")
+GIB = 1 << 30
 
 BACKENDS = ("cpu", "openvino", "ipex", "gpu", "remote")
 # How the app names them; IPEX is legacy and opt-in (archived upstream with a security notice).
@@ -26,11 +30,8 @@ def backend_label(name: str) -> str:
     return BACKEND_LABELS.get(name, name.upper())
 
 
-# The default engine follows the measurement among maintained engines for the page's default scheme, BF16
-# (bench/results/cpu_latency.md; IPEX is legacy and never the default): on the Xeon AMX our engine decodes BF16
-# in 0.50x OpenVINO's time per round and prefills 512 tokens in 0.57x (2026-12-01, after the C++ decode step;
-# before it OpenVINO led, 25.4 vs 28.8 ms in the previous run), so our CPU engine is the default everywhere.
-# Q8CHAT_BACKEND overrides.
+# The default engine is the fastest maintained one for the page's default scheme by the CPU benchmark
+# (bench/results/cpu_latency.md): our own CPU engine; IPEX is legacy and never the default. Q8CHAT_BACKEND overrides.
 DEFAULT_ORDER = ("cpu",)
 
 
@@ -76,9 +77,19 @@ def backend_availability(name: str) -> tuple[bool, str]:
         return False, f"{name} backend cannot load: {type(e).__name__}: {e}"
 
 
+def backend_model(name: str) -> str | None:
+    """The one model a backend serves whatever is asked (a remote server's configured model), else None."""
+    if name == "remote":
+        from remote_backend.engine import remote_model
+
+        return remote_model()
+    return None
+
+
 def backend_schemes(name: str) -> tuple[str, ...]:
+    """What the backend runs on this machine (it asks the hardware: CPU ISA, GPU compute capability)."""
     ok, _ = backend_availability(name)
-    return tuple(getattr(backend_class(name), "SCHEMES", ("bf16",))) if ok else ()
+    return backend_class(name).supported_schemes() if ok else ()
 
 
 # Where a chat request (the page or /v1) leaves a sampling field out. Temperature follows each surface's
@@ -91,7 +102,7 @@ CHAT_DEFAULTS = SamplingParams(max_new_tokens=256, top_p=0.9, top_k=0, repetitio
 class ChatSettings:
     backend: str = "cpu"
     model: str = DEFAULT_MODEL
-    scheme: str = "bf16"
+    scheme: str = DEFAULT_SCHEME
     system_prompt: str = ""
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
@@ -105,6 +116,14 @@ class ChatUpdate:
     dropped_turns: int = 0
     backend: str = ""
     scheme: str = ""
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now, or None where it cannot be read (the check is skipped)."""
+    try:
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError):
+        return None
 
 
 class ChatService:
@@ -125,28 +144,29 @@ class ChatService:
         key = (model, scheme)
         with self._load_lock:
             if self._keys.get(backend) != key:
-                from models.runtime import bound_kernel_caches
+                from cpu_backend.runtime import bound_kernel_caches
 
                 bound_kernel_caches()  # before a model first runs: per-shape kernel caches stay small (soak)
-                if backend != "remote":  # local engines read the weights into this machine's memory: check first
-                    from models.registry import GIB, available_memory_bytes, estimate_load_bytes
-
-                    need, free = estimate_load_bytes(model, scheme), available_memory_bytes()
-                    if free is not None and need > free:
-                        raise RequestError(
-                            f"not enough memory to load {model!r} ({scheme}): it needs about {need / GIB:.2f} GiB "
-                            f"and {free / GIB:.2f} GiB are available; the previous model keeps serving"
-                        )
+                cls = backend_class(backend)
+                if scheme not in cls.supported_schemes():
+                    choices = ", ".join(cls.supported_schemes())
+                    raise RequestError(f"scheme {scheme!r} is not available on {backend}; choose one of {choices}")
+                need, free = cls.load_bytes(model, scheme), available_memory_bytes()
+                if need is not None and free is not None and need > free:
+                    raise RequestError(
+                        f"not enough memory to load {model!r} ({scheme}): it needs about {need / GIB:.2f} GiB "
+                        f"and {free / GIB:.2f} GiB are available; the previous model keeps serving"
+                    )
                 try:
-                    engine = backend_class(backend)(model, scheme)
+                    engine = cls(model, scheme)
                 except MemoryError as e:
                     raise RequestError(
                         f"not enough memory to load {model!r} ({scheme}); the previous model keeps serving"
                     ) from e
                 replaced = self._engines.get(backend)
                 self._engines[backend], self._keys[backend] = engine, key
-                if replaced is not None and hasattr(replaced, "close"):
-                    replaced.close()  # an Intel worker process must not outlive its engine
+                if replaced is not None:
+                    replaced.close()  # a worker process would otherwise outlive its engine
             return self._engines[backend]
 
     def chat(
@@ -155,23 +175,17 @@ class ChatService:
         if not isinstance(settings.sampling, SamplingParams):
             raise RequestError("sampling settings are malformed")
         settings.sampling.validate()
+        messages = chat_messages(message, history, settings.system_prompt)
         engine = self.engine(settings.backend, settings.model, settings.scheme)
-        budget = engine.context_length - settings.sampling.max_new_tokens
-        if budget < 16:
-            raise RequestError(
-                f"max new tokens ({settings.sampling.max_new_tokens}) leaves no room for the prompt in the "
-                f"{engine.context_length}-token context: lower it"
-            )
-        prompt = build_prompt(engine.tokenizer, message, history, settings.system_prompt, max_tokens=budget)
         text = ""
-        for event in engine.generate(prompt.ids, settings.sampling, cancel):
+        for event in engine.generate(messages, settings.sampling, cancel):
             text += event.text
             yield ChatUpdate(
                 text,
                 done=event.finished,
                 finish_reason=event.finish_reason,
                 timings=event.timings if event.finished else None,
-                dropped_turns=prompt.dropped_turns,
+                dropped_turns=event.timings.dropped_turns if event.finished else 0,
                 backend=settings.backend,
                 scheme=engine.scheme,
             )

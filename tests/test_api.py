@@ -219,3 +219,23 @@ def test_api_key_is_required_when_set(monkeypatch):
         assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         r = http.post("/v1/chat/completions", json={"model": DEFAULT_MODEL, "messages": CAPITAL})
         assert r.status_code == 401
+
+
+def test_operator_allowed_models_are_listed_and_served(tmp_path, embedded_folder, monkeypatch):
+    from models.registry import MODEL_DIRS_ENV
+    from tests.quant_fixtures import write_tiny_folder
+
+    tiny = write_tiny_folder(tmp_path / "tiny", embedded_folder)
+    monkeypatch.setenv(MODEL_DIRS_ENV, str(tmp_path))
+    api = FastAPI()
+    api.include_router(create_router(ChatService(), Warmup()))
+    with TestClient(api) as http:
+        ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+        assert str(tiny) in ids and f"{tiny}@cpu:w8a8-int8" in ids
+        r = http.post("/v1/chat/completions", json={"model": str(tiny), "messages": CAPITAL, "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == str(tiny)
+        assert r.json()["usage"]["completion_tokens"] >= 1
+        outside = http.post("/v1/chat/completions", json={"model": "/etc", "messages": CAPITAL})
+        assert outside.status_code == 404 and "outside the folders" in outside.json()["error"]["message"]
+        huge = http.post("/v1/chat/completions", json={"model": str(tiny), "messages": CAPITAL, "seed": 1e30})
+        assert huge.status_code == 400 and "seed must be a whole number" in huge.json()["error"]["message"]

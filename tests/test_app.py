@@ -60,7 +60,7 @@ def test_stop_button_ends_the_answer_mid_stream(cpu_engine):
     answer = outputs[-1][0][1]["content"]
     assert "stopped" in answer.splitlines()[-1]
     assert len(outputs) < 30
-    assert not cpu_engine.generator.lock.locked()
+    assert not cpu_engine.lock.locked()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cpu_backend import kernels
-from cpu_backend.engine import CPUEngine, CPUGenerator, load_int8
+from cpu_backend.engine import CPUEngine, CPUGenerator, load_quantized
 from cpu_backend.linear import Int8Linear, Int8WeightOnlyLinear, fuse_int8
 from models.backend import RequestError, SamplingParams
 from models.chat import build_prompt
@@ -172,7 +172,7 @@ def checkpoints(embedded_folder, tmp_path_factory):
 def test_engine_logits_match_reference_decoder(checkpoints, scheme):
     from quant.reference import reference_decoder
 
-    ours = load_int8(checkpoints[scheme], scheme)
+    ours = load_quantized(checkpoints[scheme], scheme)
     ref = reference_decoder(load_checkpoint(checkpoints[scheme]), dtype=torch.bfloat16)
     ids = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -194,7 +194,7 @@ def test_engine_logits_match_reference_decoder(checkpoints, scheme):
 def test_engine_answers_on_int8(checkpoints, scheme):
     engine = CPUEngine("smollm2-135m", scheme, checkpoint=checkpoints[scheme])
     ids = build_prompt(engine.tokenizer, "What is the capital of France? Answer in one short sentence.").ids
-    events = list(engine.generate(ids, SamplingParams(max_new_tokens=32)))
+    events = list(engine.generate_ids(ids, SamplingParams(max_new_tokens=32)))
     assert "Paris" in "".join(e.text for e in events)
 
 
@@ -242,12 +242,12 @@ def test_lean_decode_step_follows_the_decoder(checkpoints, scheme, fused):
     their own order, our exp) it stays within a few bf16 steps of it and picks the same tokens."""
     engine = CPUEngine("smollm2-135m", scheme, checkpoint=checkpoints.get(scheme), max_context=64)
     gen = engine.generator
-    assert gen.lean
-    if fused and not gen.fused:
+    assert gen.projections_fused
+    if fused and not gen.cpp_step:
         pytest.skip("this CPU has no AVX-512: the lean step runs ATen ops")
     if not fused:  # the ATen step, on the float32 cache it gets where the C++ step does not run
-        gen = CPUGenerator(gen.model, gen.tokenizer, gen.eos_ids, gen.max_len, cache_dtype=torch.float32)
-        gen.fused = False
+        gen = CPUGenerator(gen.model, gen.max_len, cache_dtype=torch.float32)
+        gen.cpp_step = False
     else:  # the C++ step reads a bf16 cache (the same values as float32: RoPE'd k and v are bf16)
         assert gen.cache.k.dtype == torch.bfloat16
     ids = torch.randint(100, 40000, (1, 28), generator=torch.Generator().manual_seed(5))
@@ -282,7 +282,7 @@ def test_fused_prefill_follows_the_decoder(checkpoints, scheme):
     ones, and in W8A8 it can move a quantized activation by a whole step; chunking alone moves W8A8 logits ~3%)."""
     engine = CPUEngine("smollm2-135m", scheme, checkpoint=checkpoints.get(scheme), max_context=96)
     gen = engine.generator
-    if not gen.fused:
+    if not gen.cpp_step:
         pytest.skip("this CPU has no AVX-512: prefill runs the decoder's ATen ops")
     ids = torch.tensor([engine.tokenizer.encode(TEXT)])
     n = ids.shape[1]

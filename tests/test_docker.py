@@ -24,6 +24,8 @@ import pytest
 
 from tests import appserver
 
+pytestmark = pytest.mark.slow  # installs the image's steps into a fresh venv
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -89,7 +91,6 @@ def test_dockerfile_serves_7860_as_uid_1000_with_healthcheck_and_a_cuda_argument
         assert private in patterns
 
 
-@pytest.mark.slow
 def test_dockerfile_install_and_start_steps_work_in_a_fresh_virtualenv(tmp_path, embedded_folder):
     home, app_dir = tmp_path / "home", tmp_path / "home" / "app"
     home.mkdir()

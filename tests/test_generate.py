@@ -13,7 +13,7 @@ from models.generate import TextStream, sample
 
 def run(engine, message, cancel=None, **params):
     ids = build_prompt(engine.tokenizer, message).ids
-    events = list(engine.generate(ids, SamplingParams(**params), cancel))
+    events = list(engine.generate_ids(ids, SamplingParams(**params), cancel))
     text = "".join(e.text for e in events)
     return text, events[-1], [e.token_id for e in events if e.token_id is not None]
 
@@ -46,7 +46,7 @@ def test_cancellation_from_another_thread_and_no_state_left(cpu_engine):
     cancel = threading.Event()
     ids = build_prompt(cpu_engine.tokenizer, "Count from one to one thousand.").ids
     seen = []
-    for event in cpu_engine.generate(ids, SamplingParams(max_new_tokens=500), cancel):
+    for event in cpu_engine.generate_ids(ids, SamplingParams(max_new_tokens=500), cancel):
         seen.append(event)
         if len(seen) == 3:
             threading.Thread(target=cancel.set).start()
@@ -54,16 +54,16 @@ def test_cancellation_from_another_thread_and_no_state_left(cpu_engine):
     assert seen[-1].timings.generated_tokens < 20
     after, _, _ = run(cpu_engine, "What is the capital of France? Answer in one short sentence.", max_new_tokens=32)
     assert after == before
-    assert not cpu_engine.generator.lock.locked()
+    assert not cpu_engine.lock.locked()
 
 
 def test_abandoned_stream_releases_the_engine(cpu_engine):
     ids = build_prompt(cpu_engine.tokenizer, "Hello").ids
-    stream = cpu_engine.generate(ids, SamplingParams(max_new_tokens=50))
+    stream = cpu_engine.generate_ids(ids, SamplingParams(max_new_tokens=50))
     next(stream)
-    assert cpu_engine.generator.lock.locked()
+    assert cpu_engine.lock.locked()
     stream.close()
-    assert not cpu_engine.generator.lock.locked()
+    assert not cpu_engine.lock.locked()
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_bad_sampling_parameters_are_refused(params, match):
 
 def test_prompt_longer_than_the_context_is_refused(cpu_engine):
     with pytest.raises(RequestError, match="context"):
-        next(cpu_engine.generate([1] * (cpu_engine.context_length + 1), SamplingParams()))
+        next(cpu_engine.generate_ids([1] * (cpu_engine.context_length + 1), SamplingParams()))
 
 
 def test_sampler_rules():
@@ -135,7 +135,7 @@ def test_next_turn_prefills_only_the_new_tokens(cpu_engine):
     prefill = gen.prefill
     gen.prefill = lambda x, start=0: calls.append((x.shape[1], start)) or prefill(x, start)
     try:
-        events = list(cpu_engine.generate(ids, SamplingParams(max_new_tokens=32)))
+        events = list(cpu_engine.generate_ids(ids, SamplingParams(max_new_tokens=32)))
     finally:
         del gen.prefill
     warm = "".join(e.text for e in events)
@@ -143,7 +143,7 @@ def test_next_turn_prefills_only_the_new_tokens(cpu_engine):
     assert reused >= last1.timings.prompt_tokens and calls == [(len(ids) - reused, reused)]
     gen.reuses_prefix = False
     try:
-        cold_events = list(cpu_engine.generate(ids, SamplingParams(max_new_tokens=32)))
+        cold_events = list(cpu_engine.generate_ids(ids, SamplingParams(max_new_tokens=32)))
     finally:
         gen.reuses_prefix = True
     assert cold_events[-1].timings.cached_tokens == 0
@@ -155,7 +155,7 @@ def test_the_cache_is_reused_only_where_it_holds_the_prompt(cpu_engine):
     that differs from the first token on reuses nothing."""
     gen = cpu_engine.generator
     ids = build_prompt(cpu_engine.tokenizer, "Write a long story about a dragon.").ids
-    stream = cpu_engine.generate(ids, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    stream = cpu_engine.generate_ids(ids, SamplingParams(max_new_tokens=50, ignore_eos=True))
     tokens = [next(stream).token_id for _ in range(5)]
     stream.close()
     assert gen.cached == ids + tokens[:4]  # the fifth was sampled but never decoded into the cache
@@ -168,7 +168,7 @@ def test_a_seeded_request_does_not_depend_on_the_cache(cpu_engine):
     """Same seed, same tokens, whatever the cache held before (a seeded request prefills its whole prompt)."""
     kw = dict(max_new_tokens=12, temperature=1.0, seed=3)
     ids = build_prompt(cpu_engine.tokenizer, "Tell me about dogs.").ids
-    a = list(cpu_engine.generate(ids, SamplingParams(**kw)))
-    b = list(cpu_engine.generate(ids, SamplingParams(**kw)))  # the cache now holds this prompt and its answer
+    a = list(cpu_engine.generate_ids(ids, SamplingParams(**kw)))
+    b = list(cpu_engine.generate_ids(ids, SamplingParams(**kw)))  # the cache now holds this prompt and its answer
     assert b[-1].timings.cached_tokens == 0
     assert [e.token_id for e in a] == [e.token_id for e in b]

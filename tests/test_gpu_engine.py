@@ -115,6 +115,30 @@ def test_schemes_by_capability():
     assert gpu_backend.schemes_for((7, 5)) == () and gpu_backend.schemes_for(None) == ()
 
 
+@pytest.mark.parametrize("capability, name", [((8, 0), "NVIDIA A100"), ((9, 0), "NVIDIA H100")])
+def test_page_api_and_start_up_offer_only_what_the_gpu_runs(monkeypatch, capability, name):
+    """An A100 (sm80) has no FP8 tensor cores: nothing anywhere offers or builds an FP8 scheme there."""
+    import torch
+
+    from quant.schemes import REGISTRY
+    from serving.openai_api import model_ids
+    from serving.service import ChatService, backend_schemes
+    from serving.startup import startup_steps
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    offered = backend_schemes("gpu")
+    fp8 = {s for s, scheme in REGISTRY.items() if scheme.needs_fp8}
+    assert offered and set(offered) <= set(REGISTRY)
+    assert bool(fp8 & set(offered)) == (capability >= (8, 9))
+    assert {"bf16", "w8a16-int8", "w8a8-int8"} <= set(offered)
+    assert {s for _, _, backend, s in model_ids() if backend == "gpu"} == set(offered)
+    planned = {step.blocks[1] for step in startup_steps(ChatService()) if step.blocks and step.blocks[0] == "gpu"}
+    assert planned and planned <= set(offered)
+    assert ("w8a8-fp8" in planned) == (capability >= (8, 9))  # the start-up builds and serves FP8 only on sm89+
+
+
 @pytest.mark.skipif(CUDA, reason="checks the message without CUDA")
 def test_unavailable_without_cuda():
     ok, why = gpu_backend.availability()
@@ -124,14 +148,14 @@ def test_unavailable_without_cuda():
     from models.backend import RequestError
 
     assert GPUEngine.availability() == (ok, why)
-    assert set(GPUEngine.SCHEMES) == {"bf16", "w8a16-int8", "w8a8-int8", "w8a8-fp8"}  # quant's names
+    assert GPUEngine.supported_schemes() == ()
     with pytest.raises(RequestError, match="not available"):
         GPUEngine("smollm2-135m")
 
 
 def test_checkpoint_mapping_keep_bf16(tiny_checkpoints):
     """keep_bf16 linears run as BF16 GEMMs; q|k|v and gate|up fuse only where one GEMM is exact."""
-    from gpu_backend.model import Linear, Split
+    from gpu_backend.model import Linear, UnfusedLinears
     from gpu_backend.weights import build_from_checkpoint
     from quant.checkpoint import load_checkpoint
 
@@ -140,7 +164,7 @@ def test_checkpoint_mapping_keep_bf16(tiny_checkpoints):
     assert set(ckpt.kept_bf16) == set(KEEP)
     dec = build_from_checkpoint(ckpt, device="cpu")
     l0, l1 = dec.layers
-    assert isinstance(l0.qkv, Split) and [p.scale is None for p in l0.qkv.parts] == [False, True, False]
+    assert isinstance(l0.qkv, UnfusedLinears) and [p.scale is None for p in l0.qkv.parts] == [False, True, False]
     assert isinstance(l1.qkv, Linear) and l1.qkv.weight.dtype == torch.int8
     assert l1.o.scale is None and l1.down.scale is None and l1.o.act_dtype is None and l1.down.act_dtype is None
     assert isinstance(l0.gate_up, Linear) and l0.down.weight.dtype == torch.int8
@@ -153,11 +177,11 @@ def test_checkpoint_mapping_keep_bf16(tiny_checkpoints):
 
 
 def test_fuse_refuses_different_static_scales():
-    from gpu_backend.model import Linear, Split
+    from gpu_backend.model import Linear, UnfusedLinears
 
     w = torch.zeros(4, 8, dtype=torch.int8)
     parts = [Linear(w, torch.ones(4), torch.tensor([s]), None, torch.int8) for s in (0.1, 0.1, 0.2)]
-    assert isinstance(Linear.fuse(parts), Split) and isinstance(Linear.fuse(parts[:2]), Linear)
+    assert isinstance(Linear.fuse(parts), UnfusedLinears) and isinstance(Linear.fuse(parts[:2]), Linear)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -279,7 +303,7 @@ def test_engine_generates_embedded_model():
     ids = eng.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
     )
-    events = list(eng.generate(list(ids), SamplingParams(max_new_tokens=16)))
+    events = list(eng.generate_ids(list(ids), SamplingParams(max_new_tokens=16)))
     assert events[-1].finished and events[-1].timings.generated_tokens > 0
     # no "Paris" assertion: the first answer token is a near-tie in this model (see
     # bench/results/gpu_embedded.md), so greedy text flips between "The capital ..." and "L'Étoile ..."

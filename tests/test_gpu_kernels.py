@@ -295,3 +295,179 @@ def test_gemm_m1_tile_path():
     ref = (a.double().cpu() @ w.double().cpu().T) * sa.double().cpu()[:, None] * sw.double().cpu()
     for cfg in (G.INTERPRET_CONFIG, G.INTERPRET_SPLIT_CONFIG):
         assert rel(G._run(a, sa, w, sw, None, cfg), ref) < 1e-2, cfg
+
+
+def _quant_fusion_cases():
+    """GEMV, tile and split-K configs (a few: each config x flags is a compile on CUDA)."""
+    if CUDA:
+        return [("gemv", 4, 1024, 4, 3), ("gemv", 2, 2048, 4, 1), (16, 64, 256, 1, 4, 3, 1), (16, 64, 256, 1, 4, 4, 4)]
+    return [("gemv", 4, 64, 1, 1), (16, 16, 32, 1, 1, 1, 1), (16, 16, 32, 1, 1, 1, 2)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("qdtype", [torch.int8, pytest.param(FP8, marks=[needs_fp8, fp8_cuda_only])])
+@pytest.mark.parametrize("static", [False, True])
+def test_gemm_quantizes_input_on_load(m, qdtype, static):
+    """A bf16 input quantized inside the GEMM (scale from the producer's row amax, or static) computes exactly
+    what norm_quant + the GEMM compute, for every tile family (GEMV, tile, split-K)."""
+    from gpu_backend.kernels import gemm as G
+
+    torch.manual_seed(10)
+    n, k = (40, 200) if not CUDA else (1000, 4160)
+    a = (torch.randn(m, k, device=DEV) * 2).bfloat16()
+    a[0, :3] = torch.tensor([40.0, -2.5, 0.5])
+    w = torch.randint(-127, 128, (n, k), device=DEV).to(qdtype)
+    sw = torch.rand(n, device=DEV) * 0.01 + 0.001
+    st = torch.tensor([0.03], device=DEV) if static else None
+    q, s = norm_quant(a, None, qdtype=qdtype, static_scale=st)
+    amax = a.float().abs().amax(-1)
+    fusion = G.Fusion(qdtype, st if static else amax, static)
+    for cfg in _quant_fusion_cases():
+        if G.is_gemv(cfg) and m > G.GEMV_M:
+            continue
+        dt = torch.float32 if not G.is_gemv(cfg) and cfg[-1] > 1 else torch.bfloat16
+        want = torch.zeros((m, n), dtype=dt, device=DEV)
+        got = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
+        if dt == torch.float32:
+            got.zero_()
+        G._launch(q, s, w, sw, None, want, cfg)
+        G._launch(a, None, w, sw, None, got, cfg, fusion)
+        if CUDA and dt == torch.bfloat16:
+            assert torch.equal(got, want), cfg
+        else:  # split-K adds its slices in any order; the interpreter converts loosely
+            assert rel(got, want) < 1e-5, cfg
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("kind", ["int8", pytest.param("fp8", marks=[needs_fp8, fp8_cuda_only])])
+def test_gemm_silu_epilogue(m, kind):
+    """The gate_up GEMM over interleaved rows with the silu epilogue: silu(gate) * up equal to the plain GEMM
+    followed by silu_mul_quant, and each row's amax accumulated; GEMV and tile configs, NaN-poisoned output."""
+    from gpu_backend.kernels import gemm as G
+    from gpu_backend.model import Linear
+
+    torch.manual_seed(11)
+    i, k = (24, 200) if not CUDA else (1536, 4096)
+    qd = torch.int8 if kind == "int8" else FP8
+    lin = Linear(
+        torch.randint(-127, 128, (2 * i, k), device=DEV).to(qd),
+        torch.rand(2 * i, device=DEV) * 2e-4 + 1e-5,
+        act_dtype=qd,
+    ).interleave_halves()
+    a, sa = norm_quant((torch.randn(m, k, device=DEV) * 2).bfloat16(), None, qdtype=qd)
+    cfgs = [c for c in _quant_fusion_cases() if G.is_gemv(c) or c[-1] == 1]
+    for cfg in cfgs:
+        if G.is_gemv(cfg) and (m > G.GEMV_M or cfg[1] < 2):
+            continue
+        gu = torch.empty((m, 2 * i), dtype=torch.bfloat16, device=DEV)
+        G._launch(a, sa, lin.weight, lin.scale, None, gu, cfg)
+        want, _ = silu_mul_quant(gu, None, interleaved=True)
+        got = torch.full((m, i), float("nan"), dtype=torch.bfloat16, device=DEV)
+        amax = torch.zeros(m, device=DEV)
+        G._launch(a, sa, lin.weight, lin.scale, None, got, cfg, G.Fusion(silu=True, amax_out=amax))
+        if CUDA:
+            assert torch.equal(got, want), cfg
+        else:
+            assert rel(got, want) < 1e-2, cfg
+        assert torch.equal(amax, got.float().abs().amax(-1)), cfg
+    # interleaving + the non-interleaved silu kernel's layout agree
+    plain = torch.cat([lin.weight[0::2], lin.weight[1::2]]), torch.cat([lin.scale[0::2], lin.scale[1::2]])
+    gu = gemm(a, sa, plain[0], plain[1], out_dtype=torch.bfloat16)
+    ref, _ = silu_mul_quant(gu, None)
+    got, _ = lin.silu(a, sa, torch.zeros(m, device=DEV))
+    assert rel(got, ref) < 1e-2
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_attention_amax_and_one_split(splits):
+    """With one split the split kernel writes the normalized output itself (the merge kernel is skipped), equal
+    to the merged result of more splits over the same keys; the row amax of the output is accumulated."""
+    torch.manual_seed(12)
+    h, kv, d = (4, 2, 16) if not CUDA else (32, 8, 128)
+    bsz, max_len = 3, 40 if not CUDA else 1100
+    seq = torch.tensor([1, 17, 33] if not CUDA else [1, 700, 1025], dtype=torch.int32, device=DEV)
+    q = torch.randn(bsz, (h + 2 * kv) * d, device=DEV).to(ACT)
+    kc = torch.randn(bsz, kv, max_len, d, device=DEV).to(ACT)
+    vc = torch.randn(bsz, kv, max_len, d, device=DEV).to(ACT)
+    ones = torch.ones(kv, device=DEV)
+    bs = 16 if not CUDA else 64
+    ref = decode_attention(q, kc, vc, ones, ones, seq, h, splits=4, block_s=bs)
+    amax = torch.zeros(bsz, device=DEV)
+    out = torch.full_like(ref, float("nan"))
+    decode_attention(q, kc, vc, ones, ones, seq, h, out=out, splits=splits, block_s=bs, amax_out=amax)
+    assert rel(out, ref) < 1e-2
+    assert torch.equal(amax, out.float().abs().amax(-1))
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "w8a16-int8", "bf16"])
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_decoder_fused_steps_equal_separate_kernels(scheme, bsz):
+    """A decode step (and a prefill) with the o-input quantization and silu*up inside the GEMMs, and with the
+    attention splits per batch size, gives the logits of the separate kernels (a tiny random model; exactly,
+    where both run the same tiles)."""
+    from gpu_backend.weights import build_decoder
+    from models.config import DecoderConfig
+
+    cfg = DecoderConfig(
+        model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(13)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.1).bfloat16()
+
+    ones = torch.ones(64).bfloat16()
+    st = {"model.embed_tokens.weight": rnd(64, 64), "model.norm.weight": ones, "lm_head.weight": rnd(64, 64)}
+    for n in range(2):
+        p = f"model.layers.{n}."
+        for name, shape in (
+            ("self_attn.q_proj", (64, 64)),
+            ("self_attn.k_proj", (32, 64)),
+            ("self_attn.v_proj", (32, 64)),
+            ("self_attn.o_proj", (64, 64)),
+            ("mlp.gate_proj", (96, 64)),
+            ("mlp.up_proj", (96, 64)),
+            ("mlp.down_proj", (64, 96)),
+        ):
+            st[p + name + ".weight"] = rnd(*shape)
+        st[p + "input_layernorm.weight"] = st[p + "post_attention_layernorm.weight"] = ones  # fmt: skip
+    dec = build_decoder(st, cfg, scheme, "bf16", DEV)
+    outs = []
+    for fuse, splits in ((("oquant", "silu"), None), ((), 4)):
+        dec.fuse, dec.splits = fuse, splits
+        dec.allocate(bsz, 32)
+        with torch.inference_mode():
+            logits = dec.prefill(torch.arange(bsz * 5, device=DEV).view(bsz, 5) % 64, all_logits=True)
+            x = dec.embed[torch.arange(bsz, device=DEV) * 7 % 64]
+            seq = torch.full((bsz,), 6, dtype=torch.int32, device=DEV)
+            h = dec._layers(x.clone(), seq - 1, bsz, 1, seq)
+        outs.append((logits.float().cpu(), h.float().cpu()))
+    assert torch.isfinite(outs[0][0]).all() and torch.isfinite(outs[0][1]).all()
+    if CUDA:  # each fused GEMM is tuned on its own (another tile may sum in another order): bf16-level only
+        assert rel(outs[0][0], outs[1][0]) < 3e-2 and rel(outs[0][1], outs[1][1]) < 3e-2
+    else:
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_fusion_and_splits_settings(monkeypatch):
+    """Q8CHAT_GPU_FUSE / Q8CHAT_GPU_ATTN_SPLITS: defaults are the separate kernels and 16 slices; bad values say
+    what to use."""
+    from gpu_backend import model
+    from gpu_backend.kernels.attention import decode_splits
+
+    monkeypatch.delenv("Q8CHAT_GPU_FUSE", raising=False)
+    monkeypatch.delenv("Q8CHAT_GPU_ATTN_SPLITS", raising=False)
+    assert model._env_fuse() == () and model._env_splits() == 16
+    monkeypatch.setenv("Q8CHAT_GPU_FUSE", "all")
+    monkeypatch.setenv("Q8CHAT_GPU_ATTN_SPLITS", "auto")
+    assert model._env_fuse() == ("oquant", "silu") and model._env_splits() is None
+    monkeypatch.setenv("Q8CHAT_GPU_FUSE", "silu,rope")
+    with pytest.raises(ValueError, match="oquant, silu"):
+        model._env_fuse()
+    monkeypatch.setenv("Q8CHAT_GPU_ATTN_SPLITS", "12")
+    with pytest.raises(ValueError, match="power of 2"):
+        model._env_splits()
+    # about two programs per SM: 16 slices at batch 1, none at batch 32+ (8 kv heads, 132 SMs)
+    assert [decode_splits(b, 8, 132) for b in (1, 8, 32, 64)] == [16, 4, 1, 1]

@@ -17,6 +17,8 @@ from models.chat import build_prompt
 from models.registry import DEFAULT_MODEL
 from serving.service import ChatService, ChatSettings, backend_availability, backend_class, default_backend
 
+pytestmark = pytest.mark.slow  # builds and runs the OpenVINO and IPEX workers
+
 GREEDY = SamplingParams(max_new_tokens=24)
 QUESTION = "What is the capital of France? Answer in one short sentence."
 RUNTIMES = ("openvino", "ipex")
@@ -56,7 +58,7 @@ def reference(embedded_folder, windows):
 
 def ask(engine, question: str = QUESTION, params: SamplingParams = GREEDY, cancel=None):
     prompt = build_prompt(engine.tokenizer, question, [], "", max_tokens=engine.context_length - 64)
-    events = list(engine.generate(prompt.ids, params, cancel))
+    events = list(engine.generate_ids(prompt.ids, params, cancel))
     return "".join(e.text for e in events), events[-1]
 
 
@@ -99,7 +101,7 @@ def test_sampling_ignore_eos_cancel_and_recovery():
 
         cancel = threading.Event()
         prompt = build_prompt(engine.tokenizer, "Write a long story about a dragon.", [], "", max_tokens=512)
-        stream = engine.generate(prompt.ids, SamplingParams(max_new_tokens=400, ignore_eos=True), cancel)
+        stream = engine.generate_ids(prompt.ids, SamplingParams(max_new_tokens=400, ignore_eos=True), cancel)
         events = []
         for event in stream:  # consumed to the end, like the app does: the engine's lock is released there
             events.append(event)

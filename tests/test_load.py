@@ -16,6 +16,8 @@ from models.backend import Backend
 from serving.service import BACKENDS, backend_availability, backend_class
 from tests import appserver
 
+pytestmark = pytest.mark.slow  # 8 conversations through a real server
+
 QUESTIONS = [
     "What is the capital of France? Answer in one short sentence.",
     "What is the capital of Japan?",

@@ -8,11 +8,11 @@ import pytest
 from safetensors import safe_open
 
 import cpu_backend.engine
-from models import registry
 from models.backend import RequestError, SamplingParams
-from models.registry import DEFAULT_MODEL, GIB, estimate_load_bytes
+from models.registry import DEFAULT_MODEL
 from models.weights import CheckpointError, parameter_count
-from serving.service import ChatService, ChatSettings
+from serving import service as service_module
+from serving.service import GIB, ChatService, ChatSettings
 from tests.quant_fixtures import write_tiny_folder
 
 QUESTION = "What is the capital of France? Answer in one short sentence."
@@ -28,11 +28,13 @@ def test_estimate_is_the_weight_count_from_the_headers_times_the_schemes_bytes(e
         weights = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     assert weights > 100_000_000  # SmolLM2-135M
     assert parameter_count(embedded_folder) == weights
-    assert estimate_load_bytes(DEFAULT_MODEL, "bf16") == 4 * weights  # two copies of BF16 weights at most
-    assert estimate_load_bytes(DEFAULT_MODEL, "w8a8-int8") == 2 * weights  # the GEMV's layout and oneDNN's
-    for scheme in ("w8a16-int8", "w8a8-fp8"):
-        assert estimate_load_bytes(DEFAULT_MODEL, scheme) == weights
-    available = registry.available_memory_bytes()
+    load_bytes = cpu_backend.engine.CPUEngine.load_bytes
+    assert load_bytes(DEFAULT_MODEL, "bf16") == 4 * weights  # two copies of BF16 weights at most
+    assert load_bytes(DEFAULT_MODEL, "w8a8-int8") == 2 * weights  # the GEMV's layout and oneDNN's
+    assert load_bytes(DEFAULT_MODEL, "w8a16-int8") == weights
+    with pytest.raises(RequestError, match="not available on CPU"):
+        load_bytes(DEFAULT_MODEL, "w8a8-fp8")
+    available = service_module.available_memory_bytes()
     assert available is not None and available > 0
 
 
@@ -71,9 +73,9 @@ def test_a_model_too_big_for_the_memory_is_refused_and_the_previous_one_keeps_se
 ):
     service, engine_a, before = service_with_a_model
     big = str(write_tiny_folder(tmp_path / "big-model", embedded_folder))  # model B
-    need = estimate_load_bytes(big, "bf16")
+    need = cpu_backend.engine.CPUEngine.load_bytes(big, "bf16")
     free = need // 3
-    monkeypatch.setattr(registry, "available_memory_bytes", lambda: free)
+    monkeypatch.setattr(service_module, "available_memory_bytes", lambda: free)
 
     with pytest.raises(RequestError) as refused:
         service.engine("cpu", big, "bf16")
@@ -89,7 +91,7 @@ def test_a_model_too_big_for_the_memory_is_refused_and_the_previous_one_keeps_se
     assert answer(service) == before and "Paris" in before
 
     # with the memory there, model B loads (the check refuses only what does not fit)
-    monkeypatch.setattr(registry, "available_memory_bytes", lambda: need + 1)
+    monkeypatch.setattr(service_module, "available_memory_bytes", lambda: need + 1)
     assert service.engine("cpu", big, "bf16") is not engine_a and constructed == [big]
 
 

@@ -46,3 +46,34 @@ def test_transformers_loads_our_w8a8_checkpoint_and_generates(sq_checkpoint):
         our_logits = ours(out, ours.new_cache(1, out.shape[1]), 0)[0]
     agree = (hf_logits.argmax(-1) == our_logits.argmax(-1)).float().mean()
     assert agree > 0.75, float(agree)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "w8a8-fp8"])
+def test_compressed_tensors_decompresses_exactly_what_we_wrote(scheme, embedded_folder, tmp_path, monkeypatch):
+    """compressed-tensors (what vLLM and transformers run our checkpoints through) turns every quantized linear
+    back into q * weight_scale, bit for bit, from our config and tensors."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from models.registry import MODEL_DIRS_ENV
+    from models.weights import read_tensors
+    from quant.checkpoint import load_checkpoint
+    from quant.pipeline import QuantizeConfig, quantize
+    from tests.quant_fixtures import write_tiny_folder
+
+    monkeypatch.setenv(MODEL_DIRS_ENV, str(tmp_path))
+    tiny = write_tiny_folder(tmp_path / "tiny", embedded_folder)
+    qc = QuantizeConfig(model=str(tiny), scheme=scheme, alpha=0.5, samples=2, seq_len=32, batch_size=2)
+    ckpt = load_checkpoint(quantize(qc, tmp_path / scheme, progress=False))
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt.folder), quantization_config=CompressedTensorsConfig(
+        dequantize=True))
+    source = read_tensors(tiny)
+    names = ckpt.linear_names()
+    assert names
+    for name in names:
+        q, scale, _ = ckpt.linear(name)
+        assert q.dtype == (torch.int8 if scheme == "w8a8-int8" else torch.float8_e4m3fn)
+        dense = model.get_submodule(name).weight
+        assert torch.equal(dense, (q.float() * scale.float()).to(dense.dtype)), name
+    changed = sum(not torch.equal(model.get_submodule(n).weight, source[n + ".weight"]) for n in names)
+    assert changed > len(names) // 2  # the quantized values, not the BF16 source that was smoothed and rounded

@@ -13,7 +13,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint, sha256_file  # noqa: E402
+from models.registry import file_digest  # noqa: E402
+from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint  # noqa: E402
 from quant.data import calibration_samples, eval_windows, read_user_file, wiki_split  # noqa: E402
 from quant.pipeline import QuantizeConfig, quantize  # noqa: E402
 from tests.quant_fixtures import write_tiny_folder  # noqa: E402
@@ -164,7 +165,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _rehash(folder: Path, name: str) -> None:
     m = json.loads((folder / MANIFEST).read_text())
-    m["files"][name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+    m["files"][name] = {"sha256": file_digest(folder / name), "bytes": (folder / name).stat().st_size}
     (folder / MANIFEST).write_text(json.dumps(m))
 
 
@@ -283,9 +284,3 @@ def test_cli_help_and_errors(tmp_path):
     assert r.returncode == 2 and "alpha must be in [0, 1]" in r.stderr
 
 
-def test_buildable_schemes(tiny, tmp_path):
-    import quant
-
-    assert quant.buildable_schemes(str(tiny)) == quant.SCHEMES
-    with pytest.raises(ValueError, match="not a model folder|unknown model"):
-        quant.buildable_schemes(str(tmp_path))

@@ -3,10 +3,14 @@ The full 200-turn run is bench/results/soak.json."""
 
 import os
 
+import pytest
+
 from bench.soak import MAX_GROWTH_PCT, run_soak, summarize
+from cpu_backend.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
 from models.registry import DEFAULT_MODEL
-from models.runtime import CACHE_VARIABLES, KERNEL_CACHE_CAPACITY, bound_kernel_caches
 from serving.service import ChatService
+
+pytestmark = pytest.mark.slow  # a 30-turn session
 
 
 def test_thirty_turns_keep_memory_flat_and_truncation_working(embedded_folder):

@@ -13,7 +13,7 @@ import gradio as gr
 
 from models.backend import TEMPERATURE_MAX, RequestError, SamplingParams
 from models.registry import DEFAULT_MODEL
-from quant.schemes import get_scheme
+from quant.schemes import DEFAULT_SCHEME, get_scheme
 from serving.service import (
     BACKENDS,
     CHAT_DEFAULTS,
@@ -194,7 +194,7 @@ def chat_api(
     system_prompt: str = "",
     backend: str = "cpu",
     model: str = DEFAULT_MODEL,
-    scheme: str = "bf16",
+    scheme: str = DEFAULT_SCHEME,
     max_new_tokens: int = CHAT_DEFAULTS.max_new_tokens,
     temperature: float = 0.0,
     top_p: float = CHAT_DEFAULTS.top_p,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quant.schemes import SCHEMES
+from quant.schemes import REGISTRY, SCHEMES
 
 INTRO = (
     "Chat with a small LLM run by quantized engines: our CPU engine (AVX-512 / AMX INT8 kernels), OpenVINO and "
@@ -18,20 +18,9 @@ EXAMPLES = [
     "Give me three tips for a good night's sleep.",
 ]
 
-# One line per scheme. quant.schemes will carry this as Scheme.summary; until then this dict is the one place.
-_SUMMARIES = {
-    "bf16": "no quantization (bfloat16 weights and math)",
-    "w8a16-int8": "8-bit integer weights, 16-bit activations (weight-only: fewer bytes per token)",
-    "w8a8-int8": "8-bit integer weights and activations, SmoothQuant (INT8 matrix units: VNNI / AMX)",
-    "w8a8-fp8": "8-bit float weights and activations (FP8 tensor cores, GPU only)",
-}
-
-
 def scheme_summary(name: str) -> str:
-    from quant import schemes
-
-    summary = getattr(schemes.get_scheme(name), "summary", None) if name in SCHEMES else None
-    return summary or _SUMMARIES.get(name, "")
+    scheme = REGISTRY.get(name)
+    return scheme.summary if scheme else ""
 
 
 def schemes_legend() -> str:

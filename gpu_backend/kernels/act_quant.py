@@ -46,18 +46,34 @@ def _quantize_row(y, mask, out_ptr, scale_ptr, static_scale_ptr, row, QUANT: tl.
 
     Numerics of quant.reference: scale = max(amax, 1e-6) / qmax, IEEE division, clamp, int8 rounds half
     to even, fp8 is a round-to-nearest cast."""
-    qmax = 127.0 if QUANT == 1 else 448.0
     if STATIC:
         scale = tl.load(static_scale_ptr)
     else:
-        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-6), qmax)
+        scale = quant_scale(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), QUANT)
+    tl.store(out_ptr + tl.arange(0, y.shape[0]), quant_values(y, scale, QUANT), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def quant_scale(amax, QUANT: tl.constexpr):
+    """Per-token scale from a row's amax (fp32, scalar or tensor): max(amax, 1e-6) / qmax, IEEE division."""
+    qmax = 127.0 if QUANT == 1 else 448.0
+    return tl.math.div_rn(tl.maximum(amax, 1e-6), tl.zeros_like(amax) + qmax)
+
+
+@triton.jit
+def quant_values(y, scale, QUANT: tl.constexpr):
+    """fp32 values / scale (broadcast) as int8 (QUANT 1: round half to even) or e4m3 (2: round-to-nearest cast),
+    clamped to +-qmax: the numerics of quant.reference, shared by this module and the GEMMs that quantize their
+    input on load."""
+    qmax = 127.0 if QUANT == 1 else 448.0
     v = tl.math.div_rn(y, tl.zeros_like(y) + scale)
     if QUANT == 1:
         v = _round_half_even(v)
     v = tl.minimum(tl.maximum(v, -qmax), qmax)
-    tl.store(out_ptr + tl.arange(0, y.shape[0]), v.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    if QUANT == 1:
+        return v.to(tl.int8)
+    return v.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -116,6 +132,7 @@ def _silu_mul_quant_kernel(
     stride_o,
     QUANT: tl.constexpr,
     STATIC: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     BLOCK: tl.constexpr,
     GDC: tl.constexpr,
 ):
@@ -123,9 +140,14 @@ def _silu_mul_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_inter
-    # gate|up may arrive in fp32 (split-K GEMM): the model's projections return bf16
-    g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_g + n_inter + offs, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
+    # gate_up columns are gate | up, or interleaved gate_0 up_0 gate_1 up_1 ... (the layout whose GEMM
+    # epilogue can pair them); they may arrive in fp32 (split-K GEMM): the model's projections return bf16
+    if INTERLEAVED:
+        g_off, u_off = 2 * offs, 2 * offs + 1
+    else:
+        g_off, u_off = offs, n_inter + offs
+    g = tl.load(gu_ptr + row * stride_g + g_off, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + u_off, mask=mask, other=0.0).to(tl.bfloat16).to(tl.float32)
     # bf16 rounding points follow F.silu(gate) * up in bf16
     s = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32)
     y = (s * u).to(tl.bfloat16).to(tl.float32)
@@ -193,8 +215,10 @@ def silu_mul_quant(
     static_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_up [M, 2I] (gate | up) -> (silu(gate) * up quantized [M, I], scale [M])."""
+    """gate_up [M, 2I] (gate | up, or gate_0 up_0 gate_1 up_1 ... when ``interleaved``) -> (silu(gate) * up
+    quantized [M, I], scale [M])."""
     assert gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
     m, i = gate_up.shape[0], gate_up.shape[1] // 2
     out, scale = _outputs(gate_up, i, qdtype, out, scale)
@@ -209,6 +233,7 @@ def silu_mul_quant(
         out.stride(0),
         QUANT=quant_code(qdtype),
         STATIC=static_scale is not None,
+        INTERLEAVED=interleaved,
         BLOCK=block,
         GDC=use_pdl(gate_up),
         num_warps=_warps(block),

@@ -156,10 +156,13 @@ def _decode_split_kernel(
     seq_ptr,
     o_ptr,
     ml_ptr,
+    out_ptr,
+    amax_ptr,
     stride_qb,
     stride_cb,
     stride_ch,
     stride_cs,
+    stride_ob,
     sm_scale,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
@@ -167,9 +170,11 @@ def _decode_split_kernel(
     BLOCK_S: tl.constexpr,
     SPLITS: tl.constexpr,
     SCALED: tl.constexpr,
+    AMAX: tl.constexpr,
     GDC: tl.constexpr,
 ):
-    """Program (b, kv head, split): the G query heads sharing this kv head, over one slice of the keys."""
+    """Program (b, kv head, split): the G query heads sharing this kv head, over one slice of the keys. With one
+    split (large batches fill the GPU without splitting) it writes the normalized output itself."""
     enter(GDC)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -209,16 +214,36 @@ def _decode_split_kernel(
         m_i = m_new
     if SCALED:
         acc = acc * tl.load(v_scale_ptr + kvh)
-    # partials: o [B, H, SPLITS, D] (unnormalized), ml [B, H, SPLITS, 2] (running max in log2, sum)
-    part = (b * n_heads + heads) * SPLITS + split
     gm = g < G
-    tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=gm[:, None])
-    tl.store(ml_ptr + part * 2, m_i, mask=gm)
-    tl.store(ml_ptr + part * 2 + 1, l_i, mask=gm)
+    if SPLITS == 1:
+        # the merge of one split, o * 1 / (l * 1): the same values as _decode_reduce_kernel writes
+        o = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * D + d[None, :], o, mask=gm[:, None])
+        if AMAX:
+            amax = tl.max(tl.max(tl.where(gm[:, None], tl.abs(o.to(tl.float32)), 0.0), axis=1), axis=0)
+            tl.atomic_max(amax_ptr + b, amax, sem="relaxed")
+    else:
+        # partials: o [B, H, SPLITS, D] (unnormalized), ml [B, H, SPLITS, 2] (running max in log2, sum)
+        part = (b * n_heads + heads) * SPLITS + split
+        tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=gm[:, None])
+        tl.store(ml_ptr + part * 2, m_i, mask=gm)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=gm)
 
 
 @triton.jit
-def _decode_reduce_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, D: tl.constexpr, SPLITS: tl.constexpr, GDC: tl.constexpr):
+def _decode_reduce_kernel(
+    o_ptr,
+    ml_ptr,
+    out_ptr,
+    amax_ptr,
+    stride_ob,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    AMAX: tl.constexpr,
+    GDC: tl.constexpr,
+):
+    """Merge the splits of one (b, head); AMAX: also accumulate the row's amax (the o projection quantizes its
+    input on load with it, instead of a quantization kernel of its own)."""
     enter(GDC)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -230,7 +255,10 @@ def _decode_reduce_kernel(o_ptr, ml_ptr, out_ptr, stride_ob, D: tl.constexpr, SP
     o = tl.load(o_ptr + part[:, None] * D + tl.arange(0, D)[None, :])
     num = tl.sum(o * w[:, None], axis=0)
     den = tl.sum(l_ * w, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * D + tl.arange(0, D), (num / den).to(out_ptr.dtype.element_ty))
+    o = (num / den).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * stride_ob + h * D + tl.arange(0, D), o)
+    if AMAX:
+        tl.atomic_max(amax_ptr + b, tl.max(tl.abs(o.to(tl.float32)), axis=0), sem="relaxed")
 
 
 def decode_attention(
@@ -245,12 +273,15 @@ def decode_attention(
     splits: int = 16,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_s: int = 64,
+    amax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, >= H*D] (row stride free: a view of the qkv buffer) -> out [B, H*D] bf16.
 
-    Attends over cache[b, :, :seq_lens[b]]. ``splits`` slices the keys so that batch 1 still spreads
-    over the SMs (flash-decoding); a second small kernel merges the slices.
+    Attends over cache[b, :, :seq_lens[b]]. ``splits`` (a power of 2) slices the keys so that batch 1 still
+    spreads over the SMs (flash-decoding); a second small kernel merges the slices (none with one split).
+    ``amax_out`` [B] fp32 (zeroed): each row's amax of ``out`` is accumulated into it.
     """
+    assert splits >= 1 and splits & (splits - 1) == 0, splits
     bsz, n_kv, _, d = k_cache.shape
     g = n_heads // n_kv
     assert q.stride(1) == 1 and triton.next_power_of_2(d) == d
@@ -261,6 +292,7 @@ def decode_attention(
         workspace = decode_workspace(bsz, n_heads, d, splits, q.device)
     o_part, ml = workspace
     gdc = use_pdl(q)
+    amax = amax_out if amax_out is not None else ml
     _decode_split_kernel[(bsz, n_kv, splits)](
         q,
         k_cache,
@@ -270,10 +302,13 @@ def decode_attention(
         seq_lens,
         o_part,
         ml,
+        out,
+        amax,
         q.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        out.stride(0),
         d**-0.5,
         G=g,
         G_PAD=max(16, triton.next_power_of_2(g)),
@@ -281,15 +316,35 @@ def decode_attention(
         BLOCK_S=block_s,
         SPLITS=splits,
         SCALED=k_cache.dtype in (torch.int8, torch.float8_e4m3fn),
+        AMAX=amax_out is not None,
         GDC=gdc,
         num_warps=4,
         num_stages=2,
         launch_pdl=gdc,
     )
-    _decode_reduce_kernel[(bsz, n_heads)](
-        o_part, ml, out, out.stride(0), D=d, SPLITS=splits, GDC=gdc, num_warps=1, launch_pdl=gdc
-    )
+    if splits > 1:
+        _decode_reduce_kernel[(bsz, n_heads)](
+            o_part,
+            ml,
+            out,
+            amax,
+            out.stride(0),
+            D=d,
+            SPLITS=splits,
+            AMAX=amax_out is not None,
+            GDC=gdc,
+            num_warps=1,
+            launch_pdl=gdc,
+        )
     return out
+
+
+def decode_splits(bsz: int, n_kv: int, sms: int, most: int = 16) -> int:
+    """Key slices per (sequence, kv head) for a decode batch: enough programs for about two per SM (batch 1
+    needs 16 slices to spread over the GPU; at batch 32-64 the sequences alone fill it, and every slice adds
+    partials to write and merge). A power of 2, 1 to ``most``."""
+    want = max(1, min(most, (2 * sms) // max(1, bsz * n_kv)))
+    return 1 << (want.bit_length() - 1)
 
 
 def decode_workspace(bsz: int, n_heads: int, d: int, splits: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,12 +20,77 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from gpu_backend.kernels import enter, use_pdl
+from gpu_backend.kernels.act_quant import quant_code, quant_scale, quant_values
+
+
+class Fusion(NamedTuple):
+    """What a GEMM does besides (A @ W^T) * scales, so that the elementwise kernels between the decode
+    GEMMs disappear (each is a launch and a dependent wait in a step of ~300 kernels):
+
+    - ``quant_in`` (int8 / fp8): A arrives in bf16 and is quantized per token on load, with the scale
+      ``max(amax, 1e-6) / qmax`` from ``in_scale`` = the row amax its producer accumulated, or the static
+      input scale when ``static_in`` (the numerics of act_quant.norm_quant, bit for bit);
+    - ``silu``: W's rows are interleaved gate_0 up_0 gate_1 up_1 ...; the output is silu(gate) * up [M, N/2]
+      in bf16, and each row's amax is accumulated into ``amax_out`` (zeroed by the caller) for the next
+      GEMM's ``quant_in``.
+    """
+
+    quant_in: torch.dtype | None = None
+    in_scale: torch.Tensor | None = None
+    static_in: bool = False
+    silu: bool = False
+    amax_out: torch.Tensor | None = None
+
+    def tag(self) -> str:
+        """Part of the tile-table key (empty for a plain GEMM, so the existing keys stay valid)."""
+        q = quant_code(self.quant_in)
+        return (f"|q{q}{'s' if self.static_in else 'd'}" if q else "") + ("|silu" if self.silu else "")
+
+
+PLAIN = Fusion()
+
+
+@triton.jit
+def _row_scales(a_scale_ptr, rm_c, QIN: tl.constexpr, STATIC_IN: tl.constexpr):
+    """Per-row A scales [BLOCK_M]: loaded, or (QIN) derived from the producer's row amax / the static scale."""
+    if QIN == 0:
+        return tl.load(a_scale_ptr + rm_c)
+    if STATIC_IN:
+        return tl.load(a_scale_ptr + rm_c * 0)
+    return quant_scale(tl.load(a_scale_ptr + rm_c), QIN)
+
+
+@triton.jit
+def _store_c(c, rm, rn, pid_n, M, N, c_ptr, stride_cm, amax_ptr, SILU: tl.constexpr, ATOMIC: tl.constexpr):
+    """Write the scaled tile: plain, split-K partial (atomic add), or silu(gate) * up of interleaved columns
+    (with the row amax accumulated for the consumer's input quantization)."""
+    if SILU:
+        BM: tl.constexpr = c.shape[0]
+        HALF: tl.constexpr = c.shape[1] // 2
+        # the bf16 rounding points of the unfused path: gate_up stored in bf16, then silu_mul_quant
+        gate, up = tl.split(tl.reshape(c.to(tl.bfloat16).to(tl.float32), (BM, HALF, 2)))
+        s = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)
+        y = (s * up).to(tl.bfloat16)
+        cols = pid_n * HALF + tl.arange(0, HALF)
+        mask = (rm[:, None] < M) & (cols[None, :] < N // 2)
+        tl.store(c_ptr + rm.to(tl.int64)[:, None] * stride_cm + cols[None, :], y, mask=mask)
+        amax = tl.max(tl.where(mask, tl.abs(y.to(tl.float32)), 0.0), axis=1)
+        tl.atomic_max(amax_ptr + rm, amax, mask=rm < M, sem="relaxed")
+    else:
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        cmask = (rm[:, None] < M) & (rn[None, :] < N)
+        if ATOMIC:  # split-K: slices add their (already scaled) partial sums into a zeroed fp32 output
+            tl.atomic_add(c_ptrs, c, mask=cmask, sem="relaxed")
+        else:
+            tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=cmask)
+
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M = 64  # up to here the weight-streaming tiles are used
@@ -39,6 +104,7 @@ def _gemm_kernel(
     w_scale_ptr,
     bias_ptr,
     c_ptr,
+    amax_ptr,
     M,
     N,
     K,
@@ -51,6 +117,9 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     ATOMIC: tl.constexpr,
+    QIN: tl.constexpr,
+    STATIC_IN: tl.constexpr,
+    SILU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -81,6 +150,8 @@ def _gemm_kernel(
 
     ACC: tl.constexpr = tl.int32 if INT_ACC else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if A_SCALED:
+        a_rows = _row_scales(a_scale_ptr, rm_c, QIN, STATIC_IN)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -89,6 +160,8 @@ def _gemm_kernel(
             kmask = rk < K - k0
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        if QIN != 0:
+            a = quant_values(a.to(tl.float32), a_rows[:, None], QIN)
         if not A_SCALED:  # weight-only: widen the 8-bit weight to A's dtype (exact for int8 and e4m3)
             w = w.to(a_ptr.dtype.element_ty)
         acc = tl.dot(a, w, acc, out_dtype=ACC)
@@ -97,23 +170,33 @@ def _gemm_kernel(
 
     c = acc.to(tl.float32) * tl.load(w_scale_ptr + rn_c)[None, :]
     if A_SCALED:
-        c = c * tl.load(a_scale_ptr + rm_c)[:, None]
+        c = c * a_rows[:, None]
     if HAS_BIAS:
         if pid_k == 0:
             c = c + tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    cmask = (rm[:, None] < M) & (rn[None, :] < N)
-    if ATOMIC:  # split-K: slices add their (already scaled) partial sums into a zeroed fp32 output
-        tl.atomic_add(c_ptrs, c, mask=cmask, sem="relaxed")
-    else:
-        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=cmask)
+    _store_c(c, rm, rn, pid_n, M, N, c_ptr, stride_cm, amax_ptr, SILU, ATOMIC)
 
 
 @triton.jit
 def _gemv_step(
-    w, a_ptr, k0, rk, rm, K, M, stride_am, acc, ACC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr
+    w,
+    a_ptr,
+    a_scale_ptr,
+    k0,
+    rk,
+    rm,
+    K,
+    M,
+    stride_am,
+    acc,
+    ACC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    QIN: tl.constexpr,
+    STATIC_IN: tl.constexpr,
 ):
-    """acc += this K step's products: elementwise [BLOCK_N, BLOCK_K] at M = 1, reduced per row at M > 1."""
+    """acc += this K step's products: elementwise [BLOCK_N, BLOCK_K] at M = 1, reduced per row at M > 1.
+    QIN: A is bf16, quantized here with its row's scale (a few L1-resident scalars per step)."""
     w = w.to(ACC)
     kmask = rk < K - k0
     if BLOCK_M == 1:
@@ -121,6 +204,8 @@ def _gemv_step(
             a = tl.load(a_ptr + k0 + rk)
         else:
             a = tl.load(a_ptr + k0 + rk, mask=kmask, other=0.0)
+        if QIN != 0:
+            a = quant_values(a.to(tl.float32), tl.sum(_row_scales(a_scale_ptr, rm, QIN, STATIC_IN), axis=0), QIN)
         acc += w * a.to(ACC)[None, :]
     else:
         for i in tl.static_range(BLOCK_M):
@@ -129,6 +214,9 @@ def _gemv_step(
                 a = tl.load(a_ptr + row * stride_am + k0 + rk)
             else:
                 a = tl.load(a_ptr + row * stride_am + k0 + rk, mask=kmask, other=0.0)
+            if QIN != 0:
+                sc = tl.sum(tl.where(rm == i, _row_scales(a_scale_ptr, tl.minimum(rm, M - 1), QIN, STATIC_IN), 0.0))
+                a = quant_values(a.to(tl.float32), sc, QIN)
             part = tl.sum(w * a.to(ACC)[None, :], axis=1)
             acc = tl.where(rm[:, None] == i, acc + part[None, :], acc)
     return acc
@@ -149,6 +237,7 @@ def _gemv_kernel(
     w_scale_ptr,
     bias_ptr,
     c_ptr,
+    amax_ptr,
     M,
     N,
     K,
@@ -159,6 +248,9 @@ def _gemv_kernel(
     INT_ACC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QIN: tl.constexpr,
+    STATIC_IN: tl.constexpr,
+    SILU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -186,20 +278,19 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     w_first = _load_w(w_ptrs, 0, rk, K, EVEN_K)
     enter(GDC)
-    acc = _gemv_step(w_first, a_ptr, 0, rk, rm, K, M, stride_am, acc, ACC, EVEN_K, BLOCK_M)
+    acc = _gemv_step(w_first, a_ptr, a_scale_ptr, 0, rk, rm, K, M, stride_am, acc, ACC, EVEN_K, BLOCK_M, QIN, STATIC_IN)
     for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
         w = _load_w(w_ptrs, k0, rk, K, EVEN_K)
-        acc = _gemv_step(w, a_ptr, k0, rk, rm, K, M, stride_am, acc, ACC, EVEN_K, BLOCK_M)
+        acc = _gemv_step(w, a_ptr, a_scale_ptr, k0, rk, rm, K, M, stride_am, acc, ACC, EVEN_K, BLOCK_M, QIN, STATIC_IN)
     if BLOCK_M == 1:
         acc = tl.sum(acc, axis=1)[None, :]
 
     c = acc.to(tl.float32) * tl.load(w_scale_ptr + rn_c)[None, :]
     if A_SCALED:
-        c = c * tl.load(a_scale_ptr + rm_c)[:, None]
+        c = c * _row_scales(a_scale_ptr, rm_c, QIN, STATIC_IN)[:, None]
     if HAS_BIAS:
         c = c + tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store_c(c, rm, rn, pid, M, N, c_ptr, stride_cm, amax_ptr, SILU, False)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_M is raised to cover M when small.
@@ -259,27 +350,49 @@ def m_bucket(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else (256 if m <= 256 else 1024)))
 
 
-def _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg) -> None:
+def _fusion_args(a, a_scale, w_scale, fusion: Fusion) -> dict:
+    """The kernels' A-scale pointer, accumulator type and fusion switches."""
+    qin = quant_code(fusion.quant_in)
+    if qin:
+        assert a_scale is None and fusion.in_scale is not None and a.dtype == torch.bfloat16
+        a_scale = fusion.in_scale
+    return dict(
+        a_scale=a_scale if a_scale is not None else w_scale,
+        amax=fusion.amax_out if fusion.silu else w_scale,
+        A_SCALED=a_scale is not None,
+        INT_ACC=(fusion.quant_in or a.dtype) == torch.int8,
+        QIN=qin,
+        STATIC_IN=fusion.static_in,
+        SILU=fusion.silu,
+    )
+
+
+def _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg, fusion: Fusion = PLAIN) -> None:
     _, bn, bk, warps, stages = cfg
     m, k = a.shape
     n = w.shape[0]
+    f = _fusion_args(a, a_scale, w_scale, fusion)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         a,
-        a_scale if a_scale is not None else w_scale,
+        f["a_scale"],
         w,
         w_scale,
         bias if bias is not None else w_scale,
         c,
+        f["amax"],
         m,
         n,
         k,
         a.stride(0),
         w.stride(0),
         c.stride(0),
-        A_SCALED=a_scale is not None,
-        INT_ACC=a.dtype == torch.int8,
+        A_SCALED=f["A_SCALED"],
+        INT_ACC=f["INT_ACC"],
         HAS_BIAS=bias is not None,
         EVEN_K=k % bk == 0,
+        QIN=f["QIN"],
+        STATIC_IN=f["STATIC_IN"],
+        SILU=f["SILU"],
         BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -290,22 +403,25 @@ def _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg) -> None:
     )
 
 
-def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
+def _launch(a, a_scale, w, w_scale, bias, c, cfg, fusion: Fusion = PLAIN) -> None:
     if is_gemv(cfg):
-        _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg)
+        _launch_gemv(a, a_scale, w, w_scale, bias, c, cfg, fusion)
         return
     bm, bn, bk, gm, warps, stages, split = cfg
+    assert not (fusion.silu and split > 1), "the silu epilogue needs whole sums (no split-K)"
     m, k = a.shape
     n = w.shape[0]
     k_chunk = triton.cdiv(triton.cdiv(k, split), bk) * bk
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, k_chunk))
+    f = _fusion_args(a, a_scale, w_scale, fusion)
     _gemm_kernel[grid](
         a,
-        a_scale if a_scale is not None else w_scale,
+        f["a_scale"],
         w,
         w_scale,
         bias if bias is not None else w_scale,
         c,
+        f["amax"],
         m,
         n,
         k,
@@ -313,11 +429,14 @@ def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
         a.stride(0),
         w.stride(0),
         c.stride(0),
-        A_SCALED=a_scale is not None,
-        INT_ACC=a.dtype == torch.int8,
+        A_SCALED=f["A_SCALED"],
+        INT_ACC=f["INT_ACC"],
         HAS_BIAS=bias is not None,
         EVEN_K=k % bk == 0,
         ATOMIC=split > 1,
+        QIN=f["QIN"],
+        STATIC_IN=f["STATIC_IN"],
+        SILU=f["SILU"],
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -329,19 +448,21 @@ def _launch(a, a_scale, w, w_scale, bias, c, cfg) -> None:
     )
 
 
-def _run(a, a_scale, w, w_scale, bias, cfg, out=None) -> torch.Tensor:
+def _run(a, a_scale, w, w_scale, bias, cfg, out=None, fusion: Fusion = PLAIN) -> torch.Tensor:
     """Launch one config; split-K writes a zeroed fp32 output (consumers read fp32 or bf16 alike)."""
-    m, n = a.shape[0], w.shape[0]
+    m, n = a.shape[0], w.shape[0] // (2 if fusion.silu else 1)
     if not is_gemv(cfg) and cfg[-1] > 1:
         out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
     elif out is None:
         out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
-    _launch(a, a_scale, w, w_scale, bias, out, cfg)
+    _launch(a, a_scale, w, w_scale, bias, out, cfg, fusion)
     return out
 
 
-def _candidates(m: int, k: int, allow_split: bool) -> list[tuple]:
+def _candidates(m: int, k: int, allow_split: bool, silu: bool = False) -> list[tuple]:
     gemv = [c for c in GEMV_CANDIDATES if c[2] <= max(256, triton.next_power_of_2(k))] if m <= GEMV_M else []
+    if silu:  # a program's columns must hold whole gate/up pairs
+        gemv = [c for c in gemv if c[1] >= 2]
     return gemv + _tile_candidates(m, k, allow_split)
 
 
@@ -424,23 +545,26 @@ def time_in_graph(fns: list, reps: int = 10, rounds: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _pick(a, a_scale, w, w_scale, bias, allow_split: bool) -> tuple:
+def _pick(a, a_scale, w, w_scale, bias, allow_split: bool, fusion: Fusion = PLAIN) -> tuple:
     if INTERPRET or not a.is_cuda:
         if FORCE_GEMV or (a.shape[0] <= GEMV_M and FORCE_GEMV is None):
             return INTERPRET_GEMV_CONFIG
         return INTERPRET_SPLIT_CONFIG if allow_split and a.shape[1] >= 64 else INTERPRET_CONFIG
     m, k = a.shape
-    key = table_key(a.dtype, w.dtype, m, w.shape[0], k, bias is not None, allow_split)
+    a_dtype = fusion.quant_in or a.dtype
+    key = table_key(a_dtype, w.dtype, m, w.shape[0], k, bias is not None, allow_split) + fusion.tag()
     cfg = tune_cache.get(key)
     if cfg is None and USE_TABLE and key in _table():
         cfg = tune_cache[key] = tuple(_table()[key])
     if cfg is None:
-        cands = _candidates(m, k, allow_split)
+        cands = _candidates(m, k, allow_split, fusion.silu)
+        if fusion.silu:  # timing runs accumulate into a scratch amax, not the caller's
+            fusion = fusion._replace(amax_out=torch.zeros_like(fusion.amax_out))
         try:  # in-graph timing over weight copies (what a decode step sees)
             ws = weight_copies(w)
 
             def fns(c):
-                return [lambda c=c, wc=wc: _run(a, a_scale, wc, w_scale, bias, c) for wc in ws]
+                return [lambda c=c, wc=wc: _run(a, a_scale, wc, w_scale, bias, c, fusion=fusion) for wc in ws]
 
             timed = []
             for cand in cands:
@@ -463,14 +587,22 @@ def _pick(a, a_scale, w, w_scale, bias, allow_split: bool) -> tuple:
             timed = []
             for cand in cands:
                 try:
-                    timed.append((_time(lambda cand=cand: _run(a, a_scale, w, w_scale, bias, cand), 25), cand))
+                    timed.append(
+                        (_time(lambda cand=cand: _run(a, a_scale, w, w_scale, bias, cand, fusion=fusion), 25), cand)
+                    )
                 except Exception:  # a config that does not compile or fit in shared memory: skip it
                     continue
             if not timed:
                 raise RuntimeError(f"no GEMM tile compiled for {key}")
             finals = sorted(
                 (
-                    (min(_time(lambda c=c: _run(a, a_scale, w, w_scale, bias, c), 60) for _ in range(2)), c)
+                    (
+                        min(
+                            _time(lambda c=c: _run(a, a_scale, w, w_scale, bias, c, fusion=fusion), 60)
+                            for _ in range(2)
+                        ),
+                        c,
+                    )
                     for _, c in sorted(timed, key=lambda tc: tc[0])[:3]
                 ),
                 key=lambda tc: tc[0],
@@ -487,28 +619,33 @@ def gemm(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    fusion: Fusion = PLAIN,
 ) -> torch.Tensor:
-    """(A @ W^T) * a_scale[:, None] * w_scale[None, :] (+ bias). a_scale None: weight-only (A in bf16).
+    """(A @ W^T) * a_scale[:, None] * w_scale[None, :] (+ bias). a_scale None: weight-only (A in bf16), or A
+    quantized on load (``fusion.quant_in``). ``fusion.silu``: silu(gate) * up of interleaved rows, [M, N/2].
 
     Returns bf16, or float32 when the tuner chose split-K (small M) and neither ``out`` nor
-    ``out_dtype`` fixes the dtype.
+    ``out_dtype`` fixes the dtype (never with the silu epilogue).
     """
     assert a.dim() == 2 and w.dim() == 2 and a.shape[1] == w.shape[1], (a.shape, w.shape)
     assert a.stride(1) == 1 and w.stride(1) == 1
     w_scale = w_scale.reshape(-1)
     if a_scale is not None:
         a_scale = a_scale.reshape(-1)
-    if out is None and out_dtype is not None:
-        out = torch.empty((a.shape[0], w.shape[0]), dtype=out_dtype, device=a.device)
-    allow_split = out is None or out.dtype == torch.float32
+    if fusion.in_scale is not None:
+        fusion = fusion._replace(in_scale=fusion.in_scale.reshape(-1))
+    n_out = w.shape[0] // (2 if fusion.silu else 1)
+    if out is None and (out_dtype is not None or fusion.silu):
+        out = torch.empty((a.shape[0], n_out), dtype=out_dtype or torch.bfloat16, device=a.device)
+    allow_split = (out is None or out.dtype == torch.float32) and not fusion.silu
     if a.shape[0] == 0:
-        return out if out is not None else torch.empty((0, w.shape[0]), dtype=torch.bfloat16, device=a.device)
-    cfg = _pick(a, a_scale, w, w_scale, bias, allow_split)
+        return out if out is not None else torch.empty((0, n_out), dtype=torch.bfloat16, device=a.device)
+    cfg = _pick(a, a_scale, w, w_scale, bias, allow_split, fusion)
     if not is_gemv(cfg) and cfg[-1] > 1 and out is not None:
         out.zero_()
-        _launch(a, a_scale, w, w_scale, bias, out, cfg)
+        _launch(a, a_scale, w, w_scale, bias, out, cfg, fusion)
         return out
-    return _run(a, a_scale, w, w_scale, bias, cfg, out)
+    return _run(a, a_scale, w, w_scale, bias, cfg, out, fusion)
 
 
 def scaled_mm(
