@@ -20,7 +20,7 @@ SHORT = SamplingParams(max_new_tokens=4)
 def workers() -> dict[str, list[psutil.Process]]:
     """This process's Intel worker processes, by runtime."""
     found: dict[str, list[psutil.Process]] = {}
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children():  # workers only: a worker's own forks share its command line
         try:
             cmd = child.cmdline()
         except psutil.NoSuchProcess:
