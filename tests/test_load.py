@@ -46,7 +46,7 @@ def test_chat_events_queue_at_the_backends_capacity(monkeypatch):
     capacity = min(backend_class(n).CAPACITY for n in BACKENDS if backend_availability(n)[0])
     assert capacity == backend_class("cpu").CAPACITY == 1  # the CPU engine's Generator runs one chat at a time
     limits = engine_limits(app.build_ui())
-    assert {"respond", "chat_api", "compare"} <= set(limits), limits
+    assert {"run_chat", "chat_api", "compare"} <= set(limits), limits
     assert set(limits.values()) == {capacity}, limits
     # derived from the backends, not written down: an engine that could run 3 at once gets 3
     monkeypatch.setattr(Backend, "CAPACITY", 3)
