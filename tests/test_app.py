@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.backend import RequestError
-from tests import appserver
+from tests import appserver, page
 from tests.page import ask, respond
 from ui import chat, compare, shared
 
@@ -128,18 +128,7 @@ def run_chat(session, *messages_while_running, history=None, **overrides):
     return outputs, statuses
 
 
-DEFAULTS_PAGE = dict(
-    backend="cpu",
-    model="smollm2-135m",
-    scheme="bf16",
-    system="",
-    max_new=48,
-    temperature=0.0,
-    top_p=0.9,
-    top_k=0,
-    rep=1.0,
-    seed="",
-)
+DEFAULTS_PAGE = {**page.DEFAULTS, "max_new": 48, "seed": ""}  # the page's seed box is text: empty = random
 
 
 def test_a_message_sent_mid_answer_is_queued_shown_and_answered_next(cpu_engine):

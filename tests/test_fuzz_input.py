@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import app
 from models.backend import RequestError, SamplingParams
 from serving.service import ChatSettings
+from tests import page
 
 TEXT = st.one_of(
     st.just(""),
@@ -35,37 +36,7 @@ SETTINGS = settings(max_examples=110, deadline=None, suppress_health_check=list(
 
 
 def ui_outcome(message, **overrides):
-    args = dict(
-        backend="cpu",
-        model="smollm2-135m",
-        scheme="bf16",
-        system="",
-        max_new=4,
-        temperature=0.0,
-        top_p=0.9,
-        top_k=0,
-        rep=1.0,
-        seed=None,
-    )
-    args.update(overrides)
-    outs = list(
-        app.respond(
-            message,
-            [],
-            args["backend"],
-            args["model"],
-            args["scheme"],
-            args["system"],
-            args["max_new"],
-            args["temperature"],
-            args["top_p"],
-            args["top_k"],
-            args["rep"],
-            args["seed"],
-            None,
-        )
-    )
-    return outs[-1]
+    return page.ask(message, session="fuzz", **{"max_new": 4, **overrides})
 
 
 @SETTINGS

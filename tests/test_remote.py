@@ -6,7 +6,6 @@ with the official ``openai`` client): cheap to start offline on the embedded mod
 """
 
 import threading
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,7 +14,7 @@ from models.backend import RequestError, SamplingParams
 from models.registry import DEFAULT_MODEL
 from remote_backend.engine import RemoteEngine
 from serving.service import ChatService, ChatSettings, backend_availability
-from tests import appserver
+from tests import appserver, page
 
 CAPITAL = "What is the capital of France? Answer in one short sentence."
 
@@ -103,8 +102,7 @@ def test_remote_errors_are_messages(remote, monkeypatch):
 
 
 def test_the_page_chats_through_the_remote_backend(remote):
-    args = ["remote", DEFAULT_MODEL, "remote", "", 24, 0.0, 1.0, 0, 1.0, None]
-    outputs = list(app.respond(CAPITAL, [], *args, SimpleNamespace(session_hash="remote")))
+    outputs = list(page.respond(CAPITAL, backend="remote", scheme="remote", max_new=24, top_p=1.0, session="remote"))
     history, box, status = outputs[-1]
     assert status == "" and box == "" and len(outputs) > 3
     answer = history[1]["content"]

@@ -14,7 +14,7 @@ import pytest
 import app
 from models import registry
 from models.registry import MODEL_DIRS_ENV, ModelPathError, resolve
-from tests import appserver
+from tests import appserver, page
 from tests.quant_fixtures import write_tiny_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,9 +208,7 @@ def serve(monkeypatch):
 
 
 def test_confinement_reaches_the_page_and_the_operator_can_allow_folders(folders, serve):
-    history, box, status = list(
-        app.respond("hi", [], "cpu", "/etc", "bf16", "", 8, 0.0, 1.0, 0, 1.0, None, SimpleNamespace(session_hash="p"))
-    )[-1]
+    history, box, status = page.ask("hi", model="/etc", max_new=8, session="p")
     assert status.startswith("**Cannot answer:**") and "outside the folders" in status and box == "hi"
     # the operator: python app.py --model-dir DIR (the server itself is not started here)
     refused(str(folders.outside / "tiny"))
