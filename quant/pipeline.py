@@ -15,6 +15,7 @@ from models.config import DecoderConfig
 from models.decoder import LINEAR_SUFFIXES, Decoder, layer_prefix
 from models.registry import cache_dir, resolve
 from models.weights import load_decoder, read_tensors
+from quant import progress as build_progress
 from quant.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from quant.data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_samples
 from quant.reference import quantize_weight
@@ -68,7 +69,7 @@ def auto_alphas(model: Decoder, cfg: DecoderConfig, stats: Stats, samples: torch
     gen = torch.Generator().manual_seed(0)
     firsts = [m.linears[0] for m in MAPPINGS]
     out: dict[int, dict[str, float]] = {}
-    for i, layer, run in run_layers(model, samples, qc.batch_size, "alpha search" if progress else None):
+    for i, layer, run in run_layers(model, samples, qc.batch_size, "alpha search", show=progress):
         captured: dict[str, list[torch.Tensor]] = {s: [] for s in firsts}
 
         def hook(suffix: str, captured: dict[str, list[torch.Tensor]] = captured):
@@ -119,6 +120,14 @@ def calibrate(qc: QuantizeConfig, scheme: Scheme, folder: Path, cfg: DecoderConf
 def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path:
     """Build the checkpoint ``qc`` describes into the folder ``out`` (replaced if present)."""
     scheme = qc.validate()
+    build_progress.begin()
+    try:
+        return _quantize(qc, scheme, out, progress)
+    finally:
+        build_progress.end()
+
+
+def _quantize(qc: QuantizeConfig, scheme: Scheme, out: str | Path, progress: bool) -> Path:
     t0 = time.perf_counter()
     folder = resolve(qc.model)
     cfg = DecoderConfig.from_file(folder / "config.json")
@@ -142,6 +151,7 @@ def quantize_tensors(cfg: DecoderConfig, src: dict[str, torch.Tensor], scheme: S
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     for i in range(cfg.num_layers):
+        build_progress.report("quantizing", i, cfg.num_layers)
         p = layer_prefix(i)
         layer = _layer_tensors(src, i)
         x_absmax = None

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from models.decoder import LINEAR_SUFFIXES, Decoder, layer_prefix
 from models.registry import cache_dir, file_digest
 from models.weights import weight_files
+from quant import progress as build_progress
 
 STATS_VERSION = "2"
 
@@ -45,12 +46,13 @@ class PassThroughCache:
 
 
 def run_layers(
-    model: Decoder, samples: torch.Tensor, batch_size: int = 8, desc: str | None = None,
-    on_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    model: Decoder, samples: torch.Tensor, batch_size: int = 8, stage: str = "calibration",
+    on_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None, show: bool = False,
 ) -> Iterator[tuple[int, nn.Module, Callable[[], None]]]:
     """Yield (index, layer, run) per decoder layer; ``run()`` pushes every sample's hidden state through it.
 
-    Hooks a caller attaches to the layer before calling ``run()`` see every calibration token.
+    Hooks a caller attaches to the layer before calling ``run()`` see every calibration token. Each layer is
+    reported to ``quant.progress`` as ``stage``; ``show`` also draws a terminal progress bar.
     """
     dtype = model.model.embed_tokens.weight.dtype
     cache = PassThroughCache(dtype, on_kv)
@@ -58,7 +60,8 @@ def run_layers(
         hidden = [model.model.embed_tokens(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
         cos, sin = model.rope(0, samples.shape[1], dtype)
     layers = list(enumerate(model.model.layers))
-    for i, layer in tqdm(layers, desc=desc, disable=desc is None, unit="layer"):
+    for i, layer in tqdm(layers, desc=stage, disable=not show, unit="layer"):
+        build_progress.report(stage, i, len(layers))
 
         def run(layer=layer) -> None:
             with torch.inference_mode():
@@ -110,7 +113,7 @@ def collect_stats(model: Decoder, samples: torch.Tensor, batch_size: int = 8, pr
 
         return pre_hook
 
-    for i, layer, run in run_layers(model, samples, batch_size, "calibrating" if progress else None, on_kv):
+    for i, layer, run in run_layers(model, samples, batch_size, "activation statistics", on_kv, show=progress):
         handles = [
             layer.get_submodule(s).register_forward_pre_hook(hook(layer_prefix(i) + s)) for s in LINEAR_SUFFIXES
         ]

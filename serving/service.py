@@ -17,6 +17,8 @@ import psutil
 from models.backend import Backend, RequestError, SamplingParams, Timings
 from models.chat import chat_messages
 from models.registry import DEFAULT_MODEL
+from quant import progress
+from quant.progress import BuildProgress
 from quant.schemes import DEFAULT_SCHEME
 
 log = logging.getLogger("q8chat")
@@ -76,6 +78,11 @@ def backend_availability(name: str) -> tuple[bool, str]:
         raise
     except Exception as e:  # a backend whose module cannot even import is unavailable, not fatal
         return False, f"{name} backend cannot load: {type(e).__name__}: {e}"
+
+
+def build_progress() -> BuildProgress | None:
+    """How far the checkpoint build that a load is waiting on has got (None: no build is running)."""
+    return progress.current()
 
 
 def backend_model(name: str) -> str | None:

@@ -262,3 +262,36 @@ def test_concurrent_api_calls_get_their_own_answers(server):
     for country, capital in questions.items():  # each its own answer: no cross-talk
         assert country in answers[country] and capital in answers[country], answers
         assert not any(other in answers[country] for other in questions if other != country), answers
+
+
+def test_a_checkpoint_build_shows_its_stage_layer_and_a_progress_bar(monkeypatch):
+    """While a load waits on the shared pipeline, the chat and the status name the build's stage and layer, and
+    the event's progress bar follows it."""
+    import time
+
+    from models.backend import Timings
+    from quant.progress import BuildProgress
+    from serving.service import ChatUpdate
+
+    release = threading.Event()
+
+    def loading_chat(message, history, settings, cancel=None):
+        release.wait(10)
+        yield ChatUpdate("Paris.", done=True, timings=Timings(prompt_tokens=9, generated_tokens=2), backend="cpu",
+                         scheme=settings.scheme)  # fmt: skip
+
+    monkeypatch.setattr(shared.service, "is_loaded", lambda *a: False)
+    monkeypatch.setattr(shared.service, "chat", loading_chat)
+    monkeypatch.setattr(chat, "build_progress", lambda: BuildProgress("alpha search", 11, 30, time.monotonic()))
+    monkeypatch.setattr(chat, "WAIT_TICK_S", 0.05)
+    bars = []
+    args = {**page.DEFAULTS, "scheme": "w8a8-int8"}
+    stream = chat.respond("hi", [], *args.values(), SimpleNamespace(session_hash="build"),
+                          lambda value, desc=None, unit=None: bars.append((value, desc)))  # fmt: skip
+    outputs = [next(stream) for _ in range(4)]
+    release.set()
+    outputs += list(stream)
+    statuses = [status for _, _, status in outputs]
+    assert any("Building the w8a8-int8 checkpoint: alpha search, layer 12 of 30" in s for s in statuses), statuses
+    assert bars and bars[0][0] == (11, 30) and "alpha search" in bars[0][1]
+    assert "Paris." in outputs[-1][0][-1]["content"]

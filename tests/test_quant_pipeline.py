@@ -8,6 +8,7 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -17,7 +18,7 @@ from models.registry import file_digest  # noqa: E402
 from quant.checkpoint import MANIFEST, CheckpointError, load_checkpoint  # noqa: E402
 from quant.data import DataError, calibration_samples, eval_windows, read_user_file, wiki_split  # noqa: E402
 from quant.pipeline import QuantizeConfig, quantize  # noqa: E402
-from tests.quant_fixtures import write_tiny_folder  # noqa: E402
+from tests.quant_fixtures import TINY, write_tiny_folder  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -306,3 +307,22 @@ def test_multilingual_calibration_interleaves_the_languages(tokenizer):
     spanish, french = tokenizer.decode(multi[1]), tokenizer.decode(multi[2])
     assert " de " in spanish and spanish != tokenizer.decode(english[1]) and " de " in french
     assert not torch.equal(multi[1], multi[2])
+
+
+def test_a_build_reports_its_progress_layer_by_layer(tiny, tmp_path, monkeypatch):
+    from quant import progress
+
+    seen = []
+    real = progress.report
+    monkeypatch.setattr(progress, "report", lambda *a: (seen.append(a), real(*a)))
+    common = dict(model=str(tiny), samples=4, seq_len=64, search_samples=2, search_tokens=128, batch_size=2,
+                  data=str(tmp_path / "calibration.txt"))  # fmt: skip
+    fresh = f"Calibration text no statistics were cached for ({tmp_path.name}, {time.time_ns()}). "
+    (tmp_path / "calibration.txt").write_text(fresh * 40)
+    quantize(QuantizeConfig(scheme="w8a8-int8", alpha="auto", **common), tmp_path / "ckpt", progress=False)
+    layers = TINY["num_hidden_layers"]
+    stages = [s for s, _, _ in seen]
+    assert [s for s in dict.fromkeys(stages)] == ["activation statistics", "alpha search", "quantizing"]
+    for stage in ("activation statistics", "alpha search", "quantizing"):
+        assert [(d, t) for s, d, t in seen if s == stage] == [(i, layers) for i in range(layers)]
+    assert progress.current() is None  # cleared when the build ends

@@ -22,6 +22,7 @@ from serving.service import (
     backend_availability,
     backend_label,
     backend_schemes,
+    build_progress,
     default_backend,
 )
 from ui import shared
@@ -129,7 +130,8 @@ def _pump(stream, out: queue.Queue) -> None:
 
 
 def respond(
-    message, history, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed, request=None
+    message, history, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed, request=None,
+    progress=None,
 ):
     """One answer: yields (chat, textbox, status). The user's message shows at once, then "reading N prompt tokens…"
     while the engine reads the prompt, then the answer as it streams, ending with its metrics line. On error the chat
@@ -170,8 +172,15 @@ def respond(
             except queue.Empty:
                 if first:
                     elapsed = time.monotonic() - started
-                    shown[-1] = {"role": "assistant", "content": f"*{waiting} {elapsed:.0f} s*"}
-                    yield shown, "", f"{waiting[0].upper()}{waiting[1:]} {elapsed:.0f} s"
+                    now = waiting
+                    build = build_progress()
+                    if build is not None:  # the load waits on the shared pipeline building the checkpoint
+                        layer = f"layer {build.done + 1} of {build.total}"
+                        now = f"building the {scheme} checkpoint: {build.stage}, {layer}…"
+                        if progress is not None:
+                            progress((build.done, build.total), desc=f"{build.stage} ({elapsed:.0f} s)", unit="layers")
+                    shown[-1] = {"role": "assistant", "content": f"*{now} {elapsed:.0f} s*"}
+                    yield shown, "", f"{now[0].upper()}{now[1:]} {elapsed:.0f} s"
                 continue
             if kind == "end":
                 return
@@ -252,7 +261,8 @@ def take(message, history, request: gr.Request):
 
 
 def run_chat(
-    history, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed, request: gr.Request
+    history, backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed, request: gr.Request,
+    progress=gr.Progress(),  # noqa: B008 - Gradio's way of asking for the event's progress bar
 ):
     """Answers this tab's queued messages one after another (one loop per tab; a second trigger while it runs
     returns at once and its message is answered by the running loop). Yields (chat, box, status, send, stop, saved):
@@ -277,7 +287,7 @@ def run_chat(
             last = (history, "", "")
             restore = None
             args = (backend, model, scheme, system, max_new, temperature, top_p, top_k, rep, seed)
-            for shown, box, status in respond(message, history, *args, request):
+            for shown, box, status in respond(message, history, *args, request, progress):
                 if box:  # refused: the message goes back to the box
                     restore = box
                 with shared.lock():
