@@ -15,19 +15,11 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def cpu_info() -> dict:
-    flags, model = set(), platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512_fp16")))
-    from cpu_backend.threads import physical_cores
+    from cpu_backend.threads import cpu_model_and_flags, physical_cores
 
-    return {"cpu": model, "isa": isa, "physical_cores": physical_cores()}
+    model, flags = cpu_model_and_flags()
+    isa = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512_fp16")))
+    return {"cpu": model or platform.processor(), "isa": isa, "physical_cores": physical_cores()}
 
 
 def versions(*packages: str) -> dict:

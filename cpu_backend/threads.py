@@ -1,9 +1,25 @@
-"""Pick the thread count from physical cores (hyper-threads slow GEMMs down)."""
+"""This CPU as /proc/cpuinfo describes it (name, flags, physical cores), and the thread count picked from its
+physical cores (hyper-threads slow GEMMs down)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def cpu_model_and_flags() -> tuple[str | None, set[str]]:
+    """(model name, feature flags) of the first CPU listed; (None, empty) where /proc/cpuinfo cannot be read."""
+    name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name is None:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name, flags
 
 
 def physical_cores() -> int:

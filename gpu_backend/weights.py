@@ -18,7 +18,7 @@ from gpu_backend.model import FP8, GPUDecoder, Layer, Linear
 from models.config import DecoderConfig
 from models.decoder import LINEAR_SUFFIXES, layer_prefix
 from models.weights import read_tensors
-from quant.reference import quantize_weight
+from quant.reference import dequantize_weight, quantize_weight
 from quant.schemes import get_scheme
 
 DTYPES = {"int": torch.int8, "float": FP8, None: None}  # a scheme's weight / activation type -> torch dtype
@@ -125,8 +125,8 @@ def build_decoder(
         )
     embed = state["model.embed_tokens.weight"].to(device, torch.bfloat16)
     if "lm_head.weight_scale" in state:  # an INT8 head: the GPU's head GEMM runs in BF16, on its dequantized values
-        head = state["lm_head.weight"].to(device)
-        lm_head = (head.float() * state["lm_head.weight_scale"].to(device).float()).to(torch.bfloat16)
+        head = dequantize_weight(state["lm_head.weight"].to(device), state["lm_head.weight_scale"].to(device))
+        lm_head = head.to(torch.bfloat16)
     elif cfg.tie_word_embeddings or "lm_head.weight" not in state:
         lm_head = embed
     else:

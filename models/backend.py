@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 MAX_NEW_TOKENS_LIMIT = 4096
 GREEDY_BELOW = 1e-4  # temperature
-TEMPERATURE_MAX = 2.0
-SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed takes  # OpenAI's range; the page's slider stops here too
+TEMPERATURE_MAX = 2.0  # OpenAI's range; the page's slider stops here too
+SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed takes
 
 
 class RequestError(ValueError):

@@ -120,7 +120,6 @@ def calibrate(qc: QuantizeConfig, scheme: Scheme, folder: Path, cfg: DecoderConf
 def quantize(qc: QuantizeConfig, out: str | Path, progress: bool = True) -> Path:
     """Build the checkpoint ``qc`` describes into the folder ``out`` (replaced if present)."""
     scheme = qc.validate()
-    build_progress.begin()
     try:
         return _quantize(qc, scheme, out, progress)
     finally:

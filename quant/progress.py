@@ -7,43 +7,30 @@ lock), so one slot is enough. Reading it never blocks the build.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class BuildProgress:
     stage: str  # "activation statistics", "alpha search", "quantizing"
-    done: int
+    done: int  # layers finished in this stage
     total: int
-    started: float  # time.monotonic() when the build began
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 0.0
 
 
 _lock = threading.Lock()
 _current: BuildProgress | None = None
-_started: float | None = None
-
-
-def begin() -> None:
-    global _current, _started
-    with _lock:
-        _current, _started = None, time.monotonic()
 
 
 def report(stage: str, done: int, total: int) -> None:
     global _current
     with _lock:
-        _current = BuildProgress(stage, done, total, _started if _started is not None else time.monotonic())
+        _current = BuildProgress(stage, done, total)
 
 
 def end() -> None:
-    global _current, _started
+    global _current
     with _lock:
-        _current, _started = None, None
+        _current = None
 
 
 def current() -> BuildProgress | None:

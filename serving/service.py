@@ -1,4 +1,4 @@
-"""Chat service: the one place that picks an engine, renders the chat and streams the answer.
+"""Chat service: the one place that picks an engine, hands it the chat (messages) and streams the answer.
 
 The Gradio page and the HTTP API call this; it never touches tensors itself.
 """
@@ -120,10 +120,14 @@ class ChatUpdate:
     text: str  # the whole answer so far
     done: bool = False
     finish_reason: str | None = None
-    timings: Timings | None = None
-    dropped_turns: int = 0
+    timings: Timings | None = None  # on the last update
     backend: str = ""
     scheme: str = ""
+
+    @property
+    def dropped_turns(self) -> int:
+        """Oldest turns left out to fit the context (known with the last update)."""
+        return self.timings.dropped_turns if self.timings else 0
 
 
 def available_memory_bytes() -> int | None:
@@ -196,7 +200,6 @@ class ChatService:
                 done=event.finished,
                 finish_reason=event.finish_reason,
                 timings=event.timings if event.finished else None,
-                dropped_turns=event.timings.dropped_turns if event.finished else 0,
                 backend=settings.backend,
                 scheme=engine.scheme,
             )

@@ -267,7 +267,6 @@ def test_concurrent_api_calls_get_their_own_answers(server):
 def test_a_checkpoint_build_shows_its_stage_layer_and_a_progress_bar(monkeypatch):
     """While a load waits on the shared pipeline, the chat and the status name the build's stage and layer, and
     the event's progress bar follows it."""
-    import time
 
     from models.backend import Timings
     from quant.progress import BuildProgress
@@ -282,7 +281,7 @@ def test_a_checkpoint_build_shows_its_stage_layer_and_a_progress_bar(monkeypatch
 
     monkeypatch.setattr(shared.service, "is_loaded", lambda *a: False)
     monkeypatch.setattr(shared.service, "chat", loading_chat)
-    monkeypatch.setattr(chat, "build_progress", lambda: BuildProgress("alpha search", 11, 30, time.monotonic()))
+    monkeypatch.setattr(chat, "build_progress", lambda: BuildProgress("alpha search", 11, 30))
     monkeypatch.setattr(chat, "WAIT_TICK_S", 0.05)
     bars = []
     args = {**page.DEFAULTS, "scheme": "w8a8-int8"}

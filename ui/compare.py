@@ -134,17 +134,10 @@ def verdict(run: int, rows: list[dict], model: str) -> str:
 @functools.cache
 def cpu_isa() -> tuple[str, str]:
     """(CPU model name, its INT8 matrix instructions: 'AMX', 'AVX-512 VNNI' or 'none')."""
-    name = "this CPU"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "this CPU":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    from cpu_backend.threads import cpu_model_and_flags
+
+    name, flags = cpu_model_and_flags()
+    name = name or "this CPU"
     try:
         import torch
 
